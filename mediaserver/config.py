@@ -1,0 +1,119 @@
+"""Typed configuration: TOML decoded by msgspec, with embedded defaults.
+
+Every section and key has a default, so `mediaserver serve` runs with no file.
+An unknown key or a wrong type is a `ConfigError` that names the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; the message names the offending key."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RtmpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = 1935
+    handshake_timeout: float = 10.0
+    """Seconds a client may take from TCP accept to a finished handshake."""
+    idle_timeout: float = 30.0
+    """Seconds without any byte from a client before it is dropped."""
+    max_message_size: int = 8 * 1024 * 1024
+    """Largest RTMP message accepted; a bigger announced length closes the connection."""
+    out_chunk_size: int = 4096
+    mailbox_limit: int = 512
+    """Messages queued for a suspended or busy session before reading pauses."""
+
+
+class HttpConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+class AdminConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8081
+    token: str = ""
+
+
+class HlsConfig(_Section):
+    segment_target: float = 2.0
+    """Seconds; a segment is cut on the first keyframe at or after this duration."""
+    playlist_size: int = 6
+    """Segments listed in the live playlist; older ones are deleted from disk."""
+    timestamp_jump: float = 10.0
+    """A publisher timestamp step larger than this (or backwards by more than 1 s)
+    is a jump: the segment is cut there and marked EXT-X-DISCONTINUITY."""
+
+
+class PublishConfig(_Section):
+    on_conflict: Literal["refuse", "replace"] = "refuse"
+    """What a second publisher on a live name gets: refused (nginx-rtmp's default),
+    or it replaces the first one (MediaMTX's behaviour)."""
+
+
+class Config(_Section):
+    data_dir: str = "mediaserver-data"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    rtmp: RtmpConfig = msgspec.field(default_factory=RtmpConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    hls: HlsConfig = msgspec.field(default_factory=HlsConfig)
+    publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read `path` (TOML) into a `Config`; None gives the embedded defaults."""
+    if path is None:
+        return Config()
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Object contains unknown field `prot` - at `$.rtmp`".
+        raise ConfigError(f"config file {path}: {exc}") from None
+    _check_ranges(config, path)
+    return config
+
+
+def _check_ranges(config: Config, path: str | Path) -> None:
+    checks = [
+        ("rtmp.port", config.rtmp.port, 0 <= config.rtmp.port <= 65535),
+        ("http.port", config.http.port, 0 <= config.http.port <= 65535),
+        ("admin.port", config.admin.port, 0 <= config.admin.port <= 65535),
+        ("hls.segment_target", config.hls.segment_target, config.hls.segment_target > 0),
+        ("hls.playlist_size", config.hls.playlist_size, config.hls.playlist_size >= 1),
+        ("hls.timestamp_jump", config.hls.timestamp_jump, config.hls.timestamp_jump > 0),
+        ("rtmp.handshake_timeout", config.rtmp.handshake_timeout, config.rtmp.handshake_timeout > 0),
+        ("rtmp.idle_timeout", config.rtmp.idle_timeout, config.rtmp.idle_timeout > 0),
+        ("rtmp.mailbox_limit", config.rtmp.mailbox_limit, config.rtmp.mailbox_limit >= 1),
+        (
+            "rtmp.max_message_size",
+            config.rtmp.max_message_size,
+            1024 <= config.rtmp.max_message_size <= 64 * 1024 * 1024,
+        ),
+        (
+            "rtmp.out_chunk_size",
+            config.rtmp.out_chunk_size,
+            128 <= config.rtmp.out_chunk_size <= 65536,
+        ),
+    ]
+    for key, value, ok in checks:
+        if not ok:
+            raise ConfigError(f"config file {path}: `{key}` = {value!r} is out of range")

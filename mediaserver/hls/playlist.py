@@ -1,0 +1,62 @@
+"""HLS media playlist rendering and atomic writing (RFC 8216)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEntry:
+    sequence: int
+    uri: str
+    duration: float
+    """Seconds."""
+    discontinuity: bool
+
+
+def target_duration(entries: list[SegmentEntry], configured: float) -> int:
+    """EXT-X-TARGETDURATION: no segment may be longer once rounded to an integer.
+
+    RFC 8216 rounds each EXTINF to the nearest integer for this comparison; the
+    configured target is the floor so the value stays stable for regular GOPs.
+    """
+    longest = max((round(e.duration) for e in entries), default=0)
+    return max(int(math.ceil(configured)), longest, 1)
+
+
+def render(
+    entries: list[SegmentEntry],
+    *,
+    target: int,
+    discontinuity_sequence: int,
+    ended: bool,
+) -> str:
+    media_sequence = entries[0].sequence if entries else 0
+    lines = [
+        "#EXTM3U",
+        "#EXT-X-VERSION:3",
+        f"#EXT-X-TARGETDURATION:{target}",
+        f"#EXT-X-MEDIA-SEQUENCE:{media_sequence}",
+    ]
+    if discontinuity_sequence:
+        lines.append(f"#EXT-X-DISCONTINUITY-SEQUENCE:{discontinuity_sequence}")
+    for entry in entries:
+        if entry.discontinuity:
+            lines.append("#EXT-X-DISCONTINUITY")
+        lines.append(f"#EXTINF:{entry.duration:.3f},")
+        lines.append(entry.uri)
+    if ended:
+        lines.append("#EXT-X-ENDLIST")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Readers see the old playlist or the new one, never a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -1,0 +1,115 @@
+"""The live streams by name: who publishes what, and each name's HLS writer.
+
+A name's writer outlives its publishers so that a republish continues the
+playlist (media sequence going on, after an EXT-X-DISCONTINUITY).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .. import wire
+from ..config import Config
+from ..hls.segmenter import HlsWriter
+from ..logsetup import event
+from .effects import HlsEffects
+from .generation import Generation
+from .session import Session
+
+log = logging.getLogger("mediaserver.streams")
+
+
+class Publisher(Protocol):
+    """The transport side of a publish: something that can be disconnected."""
+
+    client: str
+
+    def disconnect(self, reason: str) -> None: ...
+
+
+class PublishRefused(Exception):
+    """A publish cannot start; the message is the reason given to the client."""
+
+
+@dataclass(eq=False)
+class LiveStream:
+    name: str
+    session: Session
+    publisher: Publisher
+
+
+class Streams:
+    def __init__(self, config: Config, generation: Generation) -> None:
+        self.config = config
+        self.generation = generation
+        self.hls_root = Path(config.data_dir) / "hls"
+        self.live: dict[str, LiveStream] = {}
+        self.writers: dict[str, HlsWriter] = {}
+
+    def publish(
+        self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None]
+    ) -> Session:
+        current = self.live.get(name)
+        if current is not None:
+            if self.config.publish.on_conflict == "refuse":
+                raise PublishRefused(f"stream {name} is already being published by {current.publisher.client}")
+            event(
+                log, logging.WARNING, "publisher replaced",
+                stream=name, client=current.publisher.client, by=publisher.client,
+            )
+            self.unpublish(name, current.session, f"replaced by a new publisher from {publisher.client}")
+            current.publisher.disconnect(f"replaced by a new publisher from {publisher.client}")
+        writer = self.writers.get(name)
+        republish = writer is not None
+        if writer is None:
+            writer = self.writers[name] = HlsWriter(
+                self.hls_root / name,
+                playlist_size=self.config.hls.playlist_size,
+                segment_target=self.config.hls.segment_target,
+            )
+        settings = {
+            "segment_target_ms": round(self.config.hls.segment_target * 1000),
+            "timestamp_jump_ms": round(self.config.hls.timestamp_jump * 1000),
+            "first_sequence": writer.next_sequence,
+            "discontinuity": republish and bool(writer.entries),
+        }
+        generation = self.generation
+        session = Session(
+            name=name,
+            generation=generation,
+            state=generation.init(name, time.time(), settings),
+            effects=HlsEffects(name, writer),
+            mailbox_limit=self.config.rtmp.mailbox_limit,
+            on_backpressure=on_backpressure,
+            client=publisher.client,
+        )
+        self.live[name] = LiveStream(name, session, publisher)
+        event(log, logging.INFO, "publish started", stream=name, client=publisher.client)
+        return session
+
+    def unpublish(self, name: str, session: Session, reason: str) -> None:
+        """End `session` (once); the playlist gets EXT-X-ENDLIST."""
+        live = self.live.get(name)
+        if live is None or live.session is not session:
+            return
+        del self.live[name]
+        session.resume()
+        session.deliver(wire.End(now=time.time(), reason=reason))
+        event(
+            log, logging.INFO, "publish ended",
+            stream=name, client=live.publisher.client, reason=reason,
+        )
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [live.session.describe() for live in self.live.values()]
+
+    def shutdown(self, reason: str) -> None:
+        for name, live in list(self.live.items()):
+            self.unpublish(name, live.session, reason)
+            live.publisher.disconnect(reason)
+        for writer in self.writers.values():
+            writer.close()

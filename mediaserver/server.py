@@ -1,0 +1,49 @@
+"""Assembles the server from its config and runs it until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from .config import Config
+from .logsetup import event
+from .runtime.generation import installed_logic_dir, load_generation
+from .runtime.streams import Streams
+from .transport.http_server import HttpServer
+from .transport.rtmp_server import RtmpServer
+
+log = logging.getLogger("mediaserver")
+
+
+async def serve(config: Config) -> int:
+    data_dir = Path(config.data_dir)
+    (data_dir / "hls").mkdir(parents=True, exist_ok=True)
+    generation = load_generation(installed_logic_dir())
+    streams = Streams(config, generation)
+    rtmp_server = RtmpServer(config.rtmp, streams)
+    http_server = HttpServer(config.http, data_dir / "hls")
+    await rtmp_server.start()
+    await http_server.start()
+    event(
+        log, logging.INFO, "mediaserver started",
+        version=generation.version,
+        rtmp=" ".join(f"{h}:{p}" for h, p in rtmp_server.addresses),
+        http=" ".join(f"{h}:{p}" for h, p in http_server.addresses),
+        data_dir=str(data_dir.resolve()),
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    event(log, logging.INFO, "shutting down: ending every stream")
+    rtmp_server.stop_accepting()
+    streams.shutdown("server shutting down")
+    await rtmp_server.close("server shutting down")
+    await http_server.close()
+    event(log, logging.INFO, "stopped")
+    return 0

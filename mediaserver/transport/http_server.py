@@ -1,0 +1,86 @@
+"""The public HTTP listener: HLS playlists and segments, and /healthz.
+
+Only names matching the stream-name pattern and the two file shapes the HLS
+writer produces are served, so no request can reach a file outside a
+stream's directory.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from aiohttp import web
+
+from ..config import HttpConfig
+from .rtmp_server import NAME_PATTERN
+
+SEGMENT_PATTERN = re.compile(r"seg[0-9]{1,20}\.ts")
+PLAYLIST = "index.m3u8"
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, HEAD, OPTIONS",
+    "Access-Control-Allow-Headers": "Range, Origin, Accept",
+    "Access-Control-Expose-Headers": "Content-Length, Content-Range",
+}
+
+
+class HttpServer:
+    def __init__(self, config: HttpConfig, hls_root: Path) -> None:
+        self.config = config
+        self.hls_root = hls_root
+        self.app = web.Application(client_max_size=64 * 1024)
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/live/{name}/{file}", self.hls_file)
+        self.app.router.add_route("OPTIONS", "/live/{name}/{file}", self.preflight)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await self._site.start()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        server = self._site._server if self._site is not None else None  # noqa: SLF001
+        return [s.getsockname()[:2] for s in server.sockets] if server is not None else []
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n", headers={"Cache-Control": "no-cache"})
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers=CORS)
+
+    async def hls_file(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        file = request.match_info["file"]
+        if not NAME_PATTERN.fullmatch(name):
+            raise web.HTTPNotFound(text=f"unknown stream {name!r}\n", headers=CORS)
+        path = self.hls_root / name / file
+        if file == PLAYLIST:
+            try:
+                body = path.read_bytes()
+            except (FileNotFoundError, NotADirectoryError):
+                raise web.HTTPNotFound(text=f"no playlist for stream {name!r}\n", headers=CORS) from None
+            return web.Response(
+                body=body,
+                headers={
+                    **CORS,
+                    "Content-Type": "application/vnd.apple.mpegurl",
+                    "Cache-Control": "no-cache, no-store",
+                },
+            )
+        if SEGMENT_PATTERN.fullmatch(file):
+            if not path.is_file():
+                raise web.HTTPNotFound(text=f"no segment {file!r} in stream {name!r}\n", headers=CORS)
+            return web.FileResponse(
+                path,
+                headers={**CORS, "Content-Type": "video/mp2t", "Cache-Control": "max-age=3600"},
+            )
+        raise web.HTTPNotFound(text=f"no such file {file!r}\n", headers=CORS)

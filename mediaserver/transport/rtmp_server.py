@@ -1,0 +1,263 @@
+"""The RTMP listener: asyncio glue around the sans-I/O `ServerConnection`.
+
+Bytes from the socket go into the protocol core; its events become session
+messages; its output goes back to the socket. Every way a connection can go
+wrong ends in `disconnect(reason)`, which logs the reason once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, Callable
+
+from .. import wire
+from ..config import RtmpConfig
+from ..logsetup import event
+from ..proto import flv, rtmp
+from ..proto.errors import ProtocolError
+from ..runtime.session import Session
+from ..runtime.streams import PublishRefused, Streams
+
+log = logging.getLogger("mediaserver.rtmp")
+
+APP = "live"
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+AVC = 7
+AAC = 10
+_SWEEP_INTERVAL = 0.5
+
+
+class RtmpConnection(asyncio.Protocol):
+    def __init__(self, server: RtmpServer) -> None:
+        self.server = server
+        self.config = server.config
+        self.streams = server.streams
+        self.core = rtmp.ServerConnection(
+            max_message_size=self.config.max_message_size,
+            out_chunk_size=self.config.out_chunk_size,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.client = "?"
+        self.accepted_at = time.monotonic()
+        self.last_activity = self.accepted_at
+        self.connected = False
+        """The client's `connect` command arrived: the handshake deadline no longer applies."""
+        self.closed = False
+        self.session: Session | None = None
+        self.stream_name: str | None = None
+        self.stream_id: int | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            rtmp.VideoMessage: self._on_video,
+            rtmp.AudioMessage: self._on_audio,
+            rtmp.ConnectRequest: self._on_connect,
+            rtmp.PublishRequest: self._on_publish,
+            rtmp.Metadata: self._on_metadata,
+            rtmp.Unpublish: self._on_unpublish,
+        }
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            host = peer[0]
+            self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        self.server.connections.add(self)
+        event(log, logging.DEBUG, "connection accepted", client=self.client)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.last_activity = time.monotonic()
+        try:
+            events = self.core.feed(data)
+        except ProtocolError as exc:
+            self._flush()
+            self.disconnect(f"protocol error: {exc}", level=logging.WARNING)
+            return
+        handlers = self._handlers
+        for ev in events:
+            handler = handlers.get(type(ev))
+            if handler is not None:
+                handler(ev)
+                if self.closed:
+                    return
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = "client disconnected" if exc is None else f"connection lost: {exc}"
+        self._end_publish(reason)
+        if not self.closed:
+            self.closed = True
+            event(log, logging.INFO, "connection closed", client=self.client, reason=reason)
+        self.server.connections.discard(self)
+
+    # -- events --------------------------------------------------------------
+
+    def _on_connect(self, ev: Any) -> None:
+        app = str(ev.app).strip("/")
+        if app != APP:
+            self.core.reject_connect(f"unknown application {app!r}; publish to rtmp://HOST/{APP}/NAME")
+            self._flush()
+            self.disconnect(f"connect to unknown application {app!r}", level=logging.WARNING)
+            return
+        self.connected = True
+        self.core.accept_connect()
+
+    def _on_publish(self, ev: Any) -> None:
+        name = str(ev.name)
+        if self.session is not None:
+            self.core.reject_publish(ev.stream_id, "NetStream.Publish.BadName", "already publishing")
+            self._flush()
+            self.disconnect("second publish on one connection", level=logging.WARNING)
+            return
+        if not NAME_PATTERN.fullmatch(name):
+            self.core.reject_publish(ev.stream_id, "NetStream.Publish.BadName", f"invalid stream name {name!r}")
+            self._flush()
+            self.disconnect(f"invalid stream name {name!r}", level=logging.WARNING)
+            return
+        try:
+            self.session = self.streams.publish(name, self, self._backpressure)
+        except PublishRefused as exc:
+            self.core.reject_publish(ev.stream_id, "NetStream.Publish.BadName", str(exc))
+            self._flush()
+            self.disconnect(f"publish refused: {exc}", level=logging.WARNING, stream=name)
+            return
+        self.stream_name = name
+        self.stream_id = ev.stream_id
+        self.core.accept_publish(ev.stream_id)
+
+    def _on_metadata(self, ev: Any) -> None:
+        if self.session is not None:
+            self.session.deliver(wire.Metadata(values=dict(ev.values)))
+
+    def _on_video(self, ev: Any) -> None:
+        session = self.session
+        if session is None:
+            return  # media before publish: nothing to attach it to
+        try:
+            tag = flv.parse_video(ev.payload)
+        except ProtocolError as exc:
+            self.disconnect(f"bad video tag: {exc}", level=logging.WARNING)
+            return
+        if tag.codec_id != AVC:
+            self.disconnect(
+                f"unsupported video codec id {tag.codec_id}; only H.264 (7) is passed through",
+                level=logging.WARNING,
+            )
+            return
+        if tag.is_config:
+            session.deliver(wire.VideoConfig(data=bytes(tag.data)))
+        elif not tag.is_end and len(tag.data):
+            session.deliver(wire.Video(ev.timestamp, tag.cts, tag.keyframe, tag.data))
+
+    def _on_audio(self, ev: Any) -> None:
+        session = self.session
+        if session is None:
+            return
+        try:
+            tag = flv.parse_audio(ev.payload)
+        except ProtocolError as exc:
+            self.disconnect(f"bad audio tag: {exc}", level=logging.WARNING)
+            return
+        if tag.sound_format != AAC:
+            self.disconnect(
+                f"unsupported audio format {tag.sound_format}; only AAC (10) is passed through",
+                level=logging.WARNING,
+            )
+            return
+        if tag.is_config:
+            session.deliver(wire.AudioConfig(data=bytes(tag.data)))
+        elif len(tag.data):
+            session.deliver(wire.Audio(ev.timestamp, tag.data))
+
+    def _on_unpublish(self, ev: Any) -> None:
+        if self.stream_id is not None and ev.stream_id == self.stream_id:
+            self._end_publish("publisher unpublished")
+
+    # -- helpers -------------------------------------------------------------
+
+    def _flush(self) -> None:
+        out = self.core.data_to_send()
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out)
+
+    def _backpressure(self, pause: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if pause:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    def _end_publish(self, reason: str) -> None:
+        session, self.session = self.session, None
+        if session is not None and self.stream_name is not None:
+            self.streams.unpublish(self.stream_name, session, reason)
+
+    def disconnect(self, reason: str, level: int = logging.INFO, **fields: Any) -> None:
+        """Close this connection (once), ending its publish; `reason` is logged."""
+        if self.closed:
+            return
+        self.closed = True
+        fields.setdefault("stream", self.stream_name)
+        event(log, level, "connection closed", client=self.client, reason=reason, **fields)
+        self._end_publish(reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def sweep(self, now: float) -> None:
+        """Apply the handshake and idle deadlines (called by the server's timer)."""
+        if not self.connected and now - self.accepted_at > self.config.handshake_timeout:
+            self.disconnect(
+                f"handshake not completed within {self.config.handshake_timeout:g} s",
+                level=logging.WARNING,
+            )
+        elif now - self.last_activity > self.config.idle_timeout:
+            self.disconnect(f"idle for more than {self.config.idle_timeout:g} s", level=logging.WARNING)
+
+
+class RtmpServer:
+    def __init__(self, config: RtmpConfig, streams: Streams) -> None:
+        self.config = config
+        self.streams = streams
+        self.connections: set[RtmpConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: RtmpConnection(self), self.config.host, self.config.port, reuse_address=True
+        )
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        if self._server is None:
+            return []
+        return [sock.getsockname()[:2] for sock in self._server.sockets]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                connection.sweep(now)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self, reason: str) -> None:
+        self.stop_accepting()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for connection in list(self.connections):
+            connection.disconnect(reason)
+        if self._server is not None:
+            await self._server.wait_closed()
