@@ -1,0 +1,83 @@
+"""The HLS writer: segments via PyAV, playlists written atomically and at once."""
+
+import subprocess
+
+import av
+import m3u8
+import pytest
+
+from mediaserver.hls.playlist import SegmentEntry, render, target_duration
+from mediaserver.hls.segmenter import HlsWriter, aac_rate_and_channels
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip") / "clip.flv"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30",
+         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", "3",
+         "-c:v", "libx264", "-g", "30", "-preset", "ultrafast", "-c:a", "aac", "-f", "flv", str(path)],
+        check=True,
+    )
+    with av.open(str(path)) as src:
+        video = src.streams.video[0].codec_context.extradata
+        audio = src.streams.audio[0].codec_context.extradata
+        packets = [
+            (p.stream.type, p.dts, p.pts, p.is_keyframe, bytes(p))
+            for p in src.demux() if p.size
+        ]
+    return video, audio, packets
+
+
+def test_playlist_is_complete_when_end_segment_returns(tmp_path, clip):
+    video, audio, packets = clip
+    writer = HlsWriter(tmp_path, playlist_size=3, segment_target=1.0)
+    writer.set_codec("video", video)
+    writer.set_codec("audio", audio)
+    writer.start_segment(0, False)
+    for kind, dts, pts, key, data in packets:
+        writer.write(kind, dts, pts, key, data)
+    writer.end_segment(0, 3000)
+    playlist = m3u8.loads((tmp_path / "index.m3u8").read_text())
+    assert [s.uri for s in playlist.segments] == ["seg0.ts"]
+    assert playlist.segments[0].duration == pytest.approx(3.0)
+    with av.open(str(tmp_path / "seg0.ts")) as seg:
+        counts = {"video": 0, "audio": 0}
+        for packet in seg.demux():
+            if packet.size:
+                counts[packet.stream.type] += 1
+    assert counts == {
+        "video": sum(1 for p in packets if p[0] == "video"),
+        "audio": sum(1 for p in packets if p[0] == "audio"),
+    }
+    writer.end_stream()
+    assert m3u8.loads((tmp_path / "index.m3u8").read_text()).is_endlist
+
+
+def test_window_slides_deletes_old_segments_and_counts_discontinuities(tmp_path, clip):
+    video, _, packets = clip
+    writer = HlsWriter(tmp_path, playlist_size=2, segment_target=1.0)
+    writer.set_codec("video", video)
+    first_key = next(p for p in packets if p[0] == "video" and p[3])
+    for seq in range(6):
+        writer.start_segment(seq, seq == 1)
+        writer.write("video", first_key[1] + seq * 1000, first_key[2] + seq * 1000, True, first_key[4])
+        writer.end_segment(seq, 1000)
+    playlist = m3u8.loads((tmp_path / "index.m3u8").read_text())
+    assert playlist.media_sequence == 4
+    assert playlist.discontinuity_sequence == 1
+    on_disk = sorted(p.name for p in tmp_path.glob("seg*.ts"))
+    assert "seg0.ts" not in on_disk and "seg5.ts" in on_disk
+
+
+def test_target_duration_covers_every_segment():
+    entries = [SegmentEntry(0, "a", 2.0, False), SegmentEntry(1, "b", 3.6, False)]
+    assert target_duration(entries, 2.0) == 4
+    text = render(entries, target=4, discontinuity_sequence=0, ended=True)
+    parsed = m3u8.loads(text)
+    assert parsed.target_duration == 4 and parsed.is_endlist
+
+
+def test_aac_config_parse():
+    assert aac_rate_and_channels(b"\x11\x90") == (48000, 2)
+    assert aac_rate_and_channels(b"\x12\x08") == (44100, 1)
