@@ -47,15 +47,27 @@ def test_two_generations_have_separate_modules():
         purge(second)
 
 
-def test_failed_load_leaves_no_module_behind(logic_copy):
-    (logic_copy / "zz_broken.py").write_text("def oops(:\n")
+@pytest.mark.parametrize(
+    "broken, error",
+    [
+        ("def oops(:\n", "syntax error"),
+        ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+        ("from . import does_not_exist\n", "ImportError"),
+        ("raise SystemExit(3)\n", "SystemExit"),
+    ],
+)
+def test_failed_load_leaves_no_module_behind(logic_copy, broken, error):
+    (logic_copy / "zz_broken.py").write_text(broken)
+    # Imported last, so the modules before it have already executed.
     (logic_copy / "__init__.py").write_text(
         (logic_copy / "__init__.py").read_text() + "\nfrom . import zz_broken\n"
     )
     before = set(sys.modules)
-    with pytest.raises(GenerationError, match="SyntaxError"):
+    with pytest.raises(GenerationError, match=error):
         load_generation(logic_copy)
     assert set(sys.modules) - before <= {"mediaserver._generations"}
+    assert not [n for n in sys.modules if n.startswith("mediaserver._generations.")
+                and n not in before]
 
 
 def test_missing_entry_point_is_refused(logic_copy):

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .source_policy import check_source
+
 ROOT = "mediaserver._generations"
 REQUIRED_NAMES = ("VERSION", "STATE_VERSION", "StreamState", "init", "handle", "describe")
 
@@ -112,8 +114,12 @@ def load_generation(source_dir: Path) -> Generation:
     number = next(_counter)
     package_name = f"{ROOT}.g{number}"
     module_names: list[str] = []
+    sources = read_sources(source_dir)
+    violations = [v for text, path in sources.values() for v in check_source(text, str(path))]
+    if violations:
+        raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
     try:
-        for relative, (text, path) in read_sources(source_dir).items():
+        for relative, (text, path) in sources.items():
             is_package = relative == "__init__" or relative.endswith(".__init__")
             dotted = relative.removesuffix("__init__").rstrip(".")
             fullname = f"{package_name}.{dotted}" if dotted else package_name
