@@ -1040,3 +1040,139 @@ def pyav_publish(clip: Clip, url: str, *, paced: bool = True, speed: float = 1.0
             out.mux(pkt)
             sent += 1
     return sent
+
+
+# --------------------------------------------------------------------------
+# a publisher built on the project's sans-I/O RTMP client core
+
+
+class CorePublisher:
+    """Publishes over a blocking socket with `mediaserver.proto.rtmp.ClientConnection`.
+
+    Events are matched by class name so this file does not depend on where the
+    core defines them.
+    """
+
+    def __init__(self, host: str, port: int, name: str, app: str = "live", timeout: float = 10.0):
+        from mediaserver.proto import rtmp
+
+        self.name = name
+        self.app = app
+        self.tc_url = f"rtmp://{host}:{port}/{app}"
+        self.conn = rtmp.ClientConnection(out_chunk_size=4096)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.timeout = timeout
+        self.events: list = []
+        self.stream_id: int | None = None
+
+    @property
+    def local_port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.sock.sendall(data)
+
+    def _read(self, timeout: float) -> bool:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except (socket.timeout, BlockingIOError):
+            return True
+        if not data:
+            return False
+        self.events += self.conn.feed(data)
+        self.flush()
+        return True
+
+    def drain(self) -> None:
+        """Read whatever the server sent (acks, pings) without blocking."""
+        import select
+
+        while select.select([self.sock], [], [], 0)[0]:
+            if not self._read(0.5):
+                raise ConnectionError("server closed the connection")
+
+    def wait_event(self, kind: str, timeout: float | None = None):
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            for i, ev in enumerate(self.events):
+                if type(ev).__name__ == kind:
+                    return self.events.pop(i)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"no {kind} within {timeout or self.timeout}s; events so far: {self.events}"
+                )
+            self.flush()
+            if not self._read(min(left, 0.5)):
+                raise ConnectionError(f"server closed the connection while waiting for {kind}; events: {self.events}")
+
+    def open(self) -> None:
+        """Handshake, connect, createStream, publish; asserts NetStream.Publish.Start."""
+        self.flush()
+        self.conn.connect(self.app, self.tc_url)
+        self.flush()
+        self.wait_event("ConnectResult")
+        self.conn.create_stream()
+        self.flush()
+        created = self.wait_event("StreamCreated")
+        self.stream_id = getattr(created, "stream_id", None)
+        self.conn.publish(self.name)
+        self.flush()
+        status = self.wait_event("PublishStatus")
+        code = getattr(status, "code", "")
+        assert code == "NetStream.Publish.Start", f"publish refused: {status}"
+
+    def send(self, kind: str, timestamp: int, body: bytes) -> None:
+        ts = timestamp & 0xFFFFFFFF
+        if kind == "video":
+            self.conn.send_video(ts, body)
+        else:
+            self.conn.send_audio(ts, body)
+        self.flush()
+
+    def send_metadata(self, meta: dict) -> None:
+        self.conn.send_metadata(meta)
+        self.flush()
+
+    def finish(self) -> None:
+        self.conn.delete_stream()
+        self.flush()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def core_publish(
+    clip: Clip, host: str, port: int, name: str, *, ts_base: int = 0, paced: bool = True, speed: float = 1.0
+) -> CorePublisher:
+    """Publish the whole clip with `CorePublisher`; RTMP timestamps are
+    `(ts_base + dts) mod 2**32`."""
+    pub = CorePublisher(host, port, name)
+    pub.open()
+    meta = {"duration": 0.0, "encoder": "mediaserver-tests"}
+    if clip.video:
+        meta.update(videocodecid=7.0, width=float(clip.spec.width if clip.spec else 0),
+                    framerate=float(clip.spec.fps if clip.spec else 0))
+    if clip.audio:
+        meta.update(audiocodecid=10.0, audiosamplerate=48000.0, stereo=True)
+    pub.send_metadata(meta)
+    bodies = flv_tag_bodies(clip, ts_base)
+    start = time.monotonic()
+    first = bodies[0][1]
+    for i, (kind, ts, body) in enumerate(bodies):
+        if paced:
+            delay = start + (ts - first) / 1000 / speed - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        pub.send(kind, ts, body)
+        if i % 32 == 0:
+            pub.drain()
+    pub.finish()
+    return pub
