@@ -1,0 +1,229 @@
+"""Bad bytes on real sockets against a running server while a good stream publishes.
+
+Each bad connection must be closed with a specific reason in the log, the good
+stream's output must stay exact, and the server's memory must not jump.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import time
+
+import pytest
+
+import media
+from media import (
+    AV,
+    assert_exact,
+    connect_command,
+    ffmpeg_log,
+    read_hls,
+    rtmp_chunks,
+    rtmp_command,
+    rtmp_handshake,
+    wait_closed,
+    wait_for_endlist,
+    wait_for_playlist,
+    wait_proc,
+)
+
+HANDSHAKE_TIMEOUT = 1.0
+ROUNDS = 8
+"""Every fast attack is repeated; memory is measured around all of them."""
+
+
+def _connect(port: int) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return s
+
+
+def _send_quietly(s: socket.socket, data: bytes) -> None:
+    try:
+        s.sendall(data)
+    except OSError:
+        pass  # the server may already have closed: that is fine
+
+
+def _rst(s: socket.socket) -> None:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def garbage(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    _send_quietly(s, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(1600))  # a TLS hello
+    return s.getsockname()[1], s
+
+
+def truncated_handshake(port: int) -> tuple[int, socket.socket]:
+    """C0 and 1000 of C1's 1536 bytes, then the client half-closes."""
+    s = _connect(port)
+    _send_quietly(s, b"\x03" + os.urandom(1000))
+    s.shutdown(socket.SHUT_WR)
+    return s.getsockname()[1], s
+
+
+def chunk_size_zero(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    rtmp_handshake(s)
+    _send_quietly(s, rtmp_chunks(2, 0, 1, 0, struct.pack(">I", 0)))
+    return s.getsockname()[1], s
+
+
+def huge_message(port: int) -> tuple[int, socket.socket]:
+    """A video message header announcing 16 MiB - 1 (max 24-bit length), then data."""
+    s = _connect(port)
+    rtmp_handshake(s)
+    _send_quietly(s, connect_command("live", f"rtmp://127.0.0.1:{port}/live"))
+    header = bytes([0x06]) + (0).to_bytes(3, "big") + (0xFFFFFF).to_bytes(3, "big") + bytes([9])
+    header += (1).to_bytes(4, "little")
+    body = os.urandom(128)
+    _send_quietly(s, header + body + b"".join(bytes([0xC6]) + body for _ in range(2000)))
+    return s.getsockname()[1], s
+
+
+def amf_garbage(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    rtmp_handshake(s)
+    # A command message whose body is not AMF0: an unknown type marker, then noise.
+    _send_quietly(s, rtmp_chunks(3, 0, 20, 0, b"\x02\x00\x07connect\x00\x3f\xf0\x00\x00\x00\x00\x00\x00\x42" + os.urandom(60)))
+    return s.getsockname()[1], s
+
+
+def amf_truncated(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    rtmp_handshake(s)
+    # A string that announces 60000 bytes but carries 5.
+    _send_quietly(s, rtmp_chunks(3, 0, 20, 0, b"\x02\xea\x60conne"))
+    return s.getsockname()[1], s
+
+
+def publish_before_connect(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    rtmp_handshake(s)
+    _send_quietly(s, rtmp_command("createStream", 2, None))
+    _send_quietly(s, rtmp_command("publish", 3, None, "sneaky", "live", stream_id=1, csid=8))
+    return s.getsockname()[1], s
+
+
+def vanish_mid_chunk(port: int) -> tuple[int, socket.socket]:
+    s = _connect(port)
+    rtmp_handshake(s)
+    msg = rtmp_chunks(3, 0, 20, 0, media.amf0("connect", 1, {"app": "live", "tcUrl": "rtmp://x/live", "pad": "x" * 600}))
+    _send_quietly(s, msg[: len(msg) // 2])
+    time.sleep(0.05)
+    port_ = s.getsockname()[1]
+    _rst(s)
+    return port_, s
+
+
+def slow_handshake(port: int) -> tuple[int, socket.socket, float]:
+    """C0+C1 one byte every 50 ms: never done within handshake_timeout."""
+    s = _connect(port)
+    local = s.getsockname()[1]
+    start = time.monotonic()
+    data = b"\x03" + os.urandom(1536)
+    try:
+        for i in range(len(data)):
+            s.sendall(data[i : i + 1])
+            time.sleep(0.05)
+            if time.monotonic() - start > HANDSHAKE_TIMEOUT + 5:
+                break
+    except OSError:
+        pass
+    return local, s, time.monotonic() - start
+
+
+ATTACKS = {
+    # name: (function, /reason pattern/)
+    "garbage instead of a handshake": (garbage, r"version|handshake|protocol|invalid|unsupported"),
+    "truncated handshake": (truncated_handshake, r"handshake|closed|eof|incomplete"),
+    "Set Chunk Size 0": (chunk_size_zero, r"chunk.?size"),
+    "message header announcing 16 MiB": (huge_message, r"size|large|length|too big|exceed|max"),
+    "AMF0 garbage": (amf_garbage, r"amf|decode|malformed|invalid|command|marker|type"),
+    "AMF0 truncated": (amf_truncated, r"amf|decode|malformed|invalid|truncat|short|end"),
+    "publish before connect": (publish_before_connect, r"connect"),
+    "vanished mid-chunk": (vanish_mid_chunk, r"reset|closed|eof|lost|mid|incomplete|broken"),
+}
+
+
+def _reason_lines(server, port: int, pattern: str, timeout: float = 5.0) -> tuple[list[str], list[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = server.log_lines(rf"127\.0\.0\.1:{port}\b")
+        hits = [l for l in lines if re.search(pattern, l, re.I) and re.search(r"reason|clos|drop|refus", l, re.I)]
+        if hits or time.monotonic() > deadline:
+            return hits, lines
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(150)
+def test_bad_connections_beside_a_live_stream(server_factory, clips, ffmpeg_publisher):
+    server = server_factory(rtmp={"handshake_timeout": HANDSHAKE_TIMEOUT})
+    clip = clips.get(AV)
+    name = "steady"
+    proc = ffmpeg_publisher(clip.path, server.rtmp_url(name))
+    wait_for_playlist(server.hls_url(name), 10)
+    rss_before = server.rss_kb()
+
+    failures: list[str] = []
+    reasons: dict[str, str] = {}
+    left_open: set[str] = set()
+    for round_ in range(ROUNDS):
+        for what, (attack, pattern) in ATTACKS.items():
+            if what in left_open:
+                continue  # already failed; do not pile up open connections
+            port, sock = attack(server.rtmp_port)
+            if what != "vanished mid-chunk":
+                closed, after = wait_closed(sock, 5)
+                sock.close()
+                if not closed:
+                    failures.append(f"round {round_}: {what}: connection still open after 5 s")
+                    left_open.add(what)
+            if round_ == 0:
+                hits, lines = _reason_lines(server, port, pattern)
+                if not hits:
+                    failures.append(
+                        f"{what} (client port {port}): no log line with a reason matching /{pattern}/; "
+                        f"lines for this client: {lines or '(none)'}"
+                    )
+                else:
+                    reasons[what] = hits[0]
+
+    port, sock, took = slow_handshake(server.rtmp_port)
+    closed, after = wait_closed(sock, 5)
+    sock.close()
+    if not closed:
+        failures.append(f"slow handshake: still open after {took + after:.1f}s")
+    elif took + after > HANDSHAKE_TIMEOUT + 2.5:
+        failures.append(f"slow handshake closed after {took + after:.1f}s, handshake_timeout {HANDSHAKE_TIMEOUT}s")
+    hits, lines = _reason_lines(server, port, r"time ?out|timed out")
+    if hits:
+        reasons["slow handshake"] = hits[0]
+    else:
+        failures.append(f"slow handshake (client port {port}): no timeout reason logged; lines: {lines or '(none)'}")
+
+    rss_after = server.rss_kb()
+    assert proc.poll() is None or proc.returncode == 0, f"the good publisher died:\n{ffmpeg_log(proc)}"
+    rc = wait_proc(proc, 40)
+    assert rc == 0, f"the good publisher failed ({rc}):\n{ffmpeg_log(proc)}\n{server.log_tail()}"
+    wait_for_endlist(server.hls_url(name), 10)
+    out = read_hls(server.hls_url(name))
+    assert_exact(clip, out.segments, segment_target=2.0, label="the good stream beside bad connections")
+
+    print("reasons logged:\n" + "\n".join(f"  {k}: {v}" for k, v in reasons.items()))
+    print(f"RSS before {rss_before} kB, after {rss_after} kB")
+    assert not failures, "bad connections not handled as required:\n" + "\n".join(failures) + (
+        f"\n--- log tail:\n{server.log_tail(60)}"
+    )
+    assert rss_after - rss_before < 40 * 1024, f"RSS grew from {rss_before} kB to {rss_after} kB"
+    assert http_ok(server)
+    assert not server.hls_dir("sneaky").exists(), "a publish before connect created a stream"
+    server.assert_no_tracebacks()
+
+
+def http_ok(server) -> bool:
+    return media.http_get(server.http_url("/healthz")).status == 200
