@@ -62,6 +62,22 @@ class PublishConfig(_Section):
     or it replaces the first one (MediaMTX's behaviour)."""
 
 
+class SupervisorConfig(_Section):
+    max_restarts: int = 5
+    """A session whose handler raises more than this many times..."""
+    restart_window: float = 10.0
+    """...within this many seconds is stopped with a clear reason."""
+
+
+class RelupConfig(_Section):
+    directory: str = "relups"
+    """Relup packages are loaded from here and nowhere else."""
+    auto_revert_crashes: int = 3
+    """Handler crashes on a new generation, within `auto_revert_window` seconds
+    of its relup, that make the server revert it by itself."""
+    auto_revert_window: float = 60.0
+
+
 class Config(_Section):
     data_dir: str = "mediaserver-data"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -71,6 +87,8 @@ class Config(_Section):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     hls: HlsConfig = msgspec.field(default_factory=HlsConfig)
     publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    relup: RelupConfig = msgspec.field(default_factory=RelupConfig)
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -102,6 +120,10 @@ def _check_ranges(config: Config, path: str | Path) -> None:
         ("hls.timestamp_jump", config.hls.timestamp_jump, config.hls.timestamp_jump > 0),
         ("rtmp.handshake_timeout", config.rtmp.handshake_timeout, config.rtmp.handshake_timeout > 0),
         ("rtmp.idle_timeout", config.rtmp.idle_timeout, config.rtmp.idle_timeout > 0),
+        ("supervisor.max_restarts", config.supervisor.max_restarts, config.supervisor.max_restarts >= 0),
+        ("supervisor.restart_window", config.supervisor.restart_window, config.supervisor.restart_window > 0),
+        ("relup.auto_revert_crashes", config.relup.auto_revert_crashes, config.relup.auto_revert_crashes >= 1),
+        ("relup.auto_revert_window", config.relup.auto_revert_window, config.relup.auto_revert_window > 0),
         ("rtmp.mailbox_limit", config.rtmp.mailbox_limit, config.rtmp.mailbox_limit >= 1),
         (
             "rtmp.max_message_size",

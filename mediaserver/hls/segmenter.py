@@ -53,6 +53,8 @@ class HlsWriter:
         self._open_sequence = -1
         self._open_discontinuity = False
         self._open_path: Path | None = None
+        self._open_first_dts: int | None = None
+        self._open_last_dts = 0
         directory.mkdir(parents=True, exist_ok=True)
 
     # -- effects -------------------------------------------------------------
@@ -91,11 +93,15 @@ class HlsWriter:
         self._open_sequence = sequence
         self._open_discontinuity = discontinuity
         self._open_path = path
+        self._open_first_dts = None
 
     def write(self, track: str, dts: int, pts: int, keyframe: bool, data: bytes | memoryview) -> None:
         stream = self._streams.get(track)
         if stream is None:
             raise RuntimeError(f"no open segment has a {track} stream")
+        if self._open_first_dts is None:
+            self._open_first_dts = dts
+        self._open_last_dts = dts
         packet = av.Packet(data)
         packet.dts = dts
         packet.pts = pts
@@ -129,6 +135,17 @@ class HlsWriter:
             self._abandon()
         self.ended = True
         self._write_playlist()
+
+    def salvage_open_segment(self) -> None:
+        """Keep what the open segment holds when logic cannot close it (its session
+        was stopped): its duration is measured from the frames written."""
+        if self._container is None:
+            return
+        if self._open_first_dts is None:
+            self._abandon()
+            return
+        duration = max(self._open_last_dts - self._open_first_dts, 1)
+        self.end_segment(self._open_sequence, duration)
 
     def close(self) -> None:
         """Release the open container without touching the playlist."""

@@ -11,6 +11,7 @@ generation. Purging removes the modules, the finder's sources and the
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -20,7 +21,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .source_policy import check_source
 
@@ -34,13 +35,13 @@ class GenerationError(Exception):
 
 @dataclass(slots=True)
 class _Source:
-    text: bytes
+    code: types.CodeType
     filename: str
     is_package: bool
 
 
 class GenerationFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serves the modules of loaded generations from memory."""
+    """Serves the modules of loaded generations from memory (compiled once)."""
 
     def __init__(self) -> None:
         self.sources: dict[str, _Source] = {}
@@ -58,10 +59,9 @@ class GenerationFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         source = self.sources[module.__name__]
-        code = compile(source.text, source.filename, "exec", dont_inherit=True)
         if source.is_package:
             module.__path__ = []
-        exec(code, module.__dict__)
+        exec(source.code, module.__dict__)
 
 
 _finder = GenerationFinder()
@@ -100,61 +100,119 @@ def read_sources(source_dir: Path) -> dict[str, tuple[bytes, Path]]:
     sources: dict[str, tuple[bytes, Path]] = {}
     for path in sorted(source_dir.rglob("*.py")):
         relative = path.relative_to(source_dir).with_suffix("")
-        parts = [p for p in relative.parts]
+        parts = list(relative.parts)
         if any(part.startswith(".") or part == "__pycache__" for part in parts):
             continue
-        name = ".".join(parts)
-        sources[name] = (path.read_bytes(), path)
+        sources[".".join(parts)] = (path.read_bytes(), path)
     return sources
 
 
-def load_generation(source_dir: Path) -> Generation:
-    """Load the logic package in `source_dir` as a new generation, all or nothing."""
-    _install_finder()
-    number = next(_counter)
-    package_name = f"{ROOT}.g{number}"
-    module_names: list[str] = []
-    sources = read_sources(source_dir)
-    violations = [v for text, path in sources.values() for v in check_source(text, str(path))]
-    if violations:
-        raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
-    try:
-        for relative, (text, path) in sources.items():
-            is_package = relative == "__init__" or relative.endswith(".__init__")
-            dotted = relative.removesuffix("__init__").rstrip(".")
-            fullname = f"{package_name}.{dotted}" if dotted else package_name
-            filename = f"{path} [g{number}]"
-            _finder.sources[fullname] = _Source(text, filename, is_package)
-            linecache.cache[filename] = (
-                len(text),
-                None,
-                text.decode("utf-8", "replace").splitlines(keepends=True),
-                filename,
-            )
-            module_names.append(fullname)
-        package = importlib.import_module(package_name)
-        missing = [name for name in REQUIRED_NAMES if not hasattr(package, name)]
-        if missing:
-            raise GenerationError(f"logic in {source_dir} lacks {', '.join(missing)}")
-        return Generation(
-            number=number,
-            source_dir=source_dir,
-            package_name=package_name,
-            module_names=module_names,
-            package=package,
-            version=str(package.VERSION),
-            state_version=int(package.STATE_VERSION),
-            handle=package.handle,
-            init=package.init,
-            describe=package.describe,
-            state_type=package.StreamState,
+@dataclass(slots=True)
+class _Prepared:
+    number: int
+    package_name: str
+    source_dir: Path
+    sources: dict[str, _Source] = field(default_factory=dict)
+
+
+def _prepare(source_dir: Path, extra_modules: dict[str, Path], prepared: _Prepared) -> Iterator[None]:
+    files = read_sources(source_dir)
+    for name, path in extra_modules.items():
+        try:
+            files[name] = (path.read_bytes(), path)
+        except OSError as exc:
+            raise GenerationError(f"cannot read {path}: {exc.strerror}") from None
+    yield
+    for relative, (text, path) in files.items():
+        violations = check_source(text, str(path))
+        if violations:
+            raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
+        is_package = relative == "__init__" or relative.endswith(".__init__")
+        dotted = relative.removesuffix("__init__").rstrip(".")
+        fullname = f"{prepared.package_name}.{dotted}" if dotted else prepared.package_name
+        filename = f"{path} [g{prepared.number}]"
+        try:
+            code = compile(text, filename, "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as exc:
+            raise GenerationError(f"{path}: cannot compile: {exc}") from None
+        prepared.sources[fullname] = _Source(code, filename, is_package)
+        linecache.cache[filename] = (
+            len(text), None, text.decode("utf-8", "replace").splitlines(keepends=True), filename,
         )
-    except GenerationError:
-        _forget(package_name, module_names)
-        raise
+        yield
+
+
+def _activate(prepared: _Prepared) -> Generation:
+    _install_finder()
+    _finder.sources.update(prepared.sources)
+    package = importlib.import_module(prepared.package_name)
+    missing = [name for name in REQUIRED_NAMES if not hasattr(package, name)]
+    if missing:
+        raise GenerationError(f"logic in {prepared.source_dir} lacks {', '.join(missing)}")
+    return Generation(
+        number=prepared.number,
+        source_dir=prepared.source_dir,
+        package_name=prepared.package_name,
+        module_names=list(prepared.sources),
+        package=package,
+        version=str(package.VERSION),
+        state_version=int(package.STATE_VERSION),
+        handle=package.handle,
+        init=package.init,
+        describe=package.describe,
+        state_type=package.StreamState,
+    )
+
+
+def _new_prepared(source_dir: Path) -> _Prepared:
+    number = next(_counter)
+    return _Prepared(number, f"{ROOT}.g{number}", source_dir)
+
+
+def _discard(prepared: _Prepared) -> None:
+    _forget(prepared.package_name, list(prepared.sources))
+    for source in prepared.sources.values():
+        linecache.cache.pop(source.filename, None)
+
+
+def _fail(prepared: _Prepared, exc: BaseException) -> GenerationError:
+    _discard(prepared)
+    if isinstance(exc, GenerationError):
+        return exc
+    return GenerationError(
+        f"loading logic from {prepared.source_dir} failed: {type(exc).__name__}: {exc}"
+    )
+
+
+def load_generation(source_dir: Path, extra_modules: dict[str, Path] | None = None) -> Generation:
+    """Load the logic package in `source_dir` as a new generation, all or nothing.
+
+    `extra_modules` (name -> file) are loaded into the same generation, e.g. a
+    relup's migrations, so they are purged with it.
+    """
+    prepared = _new_prepared(source_dir)
+    try:
+        for _ in _prepare(source_dir, extra_modules or {}, prepared):
+            pass
+        return _activate(prepared)
     except BaseException as exc:  # user code can raise anything, even SystemExit
-        _forget(package_name, module_names)
-        raise GenerationError(f"loading logic from {source_dir} failed: {type(exc).__name__}: {exc}") from None
+        raise _fail(prepared, exc) from None
+
+
+async def load_generation_async(
+    source_dir: Path, extra_modules: dict[str, Path] | None = None
+) -> Generation:
+    """`load_generation` one file per event-loop turn, to keep streams flowing."""
+    prepared = _new_prepared(source_dir)
+    try:
+        for _ in _prepare(source_dir, extra_modules or {}, prepared):
+            await asyncio.sleep(0)
+        return _activate(prepared)
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError):
+            _discard(prepared)
+            raise
+        raise _fail(prepared, exc) from None
 
 
 def purge(generation: Generation) -> None:

@@ -16,6 +16,7 @@ from .. import wire
 from ..config import Config
 from ..hls.segmenter import HlsWriter
 from ..logsetup import event
+from .dead_letters import DeadLetters
 from .effects import HlsEffects
 from .generation import Generation
 from .session import Session
@@ -43,12 +44,19 @@ class LiveStream:
 
 
 class Streams:
+    """The registry of live streams, and the supervisor of their sessions."""
+
     def __init__(self, config: Config, generation: Generation) -> None:
         self.config = config
         self.generation = generation
+        """The generation new sessions start on; the relup engine switches it."""
         self.hls_root = Path(config.data_dir) / "hls"
         self.live: dict[str, LiveStream] = {}
         self.writers: dict[str, HlsWriter] = {}
+        self.dead_letters = DeadLetters(Path(config.data_dir) / "dead-letters")
+        self.crash_listeners: list[Callable[[Session], None]] = []
+        self.sessions_started = 0
+        self.restarts_total = 0
 
     def publish(
         self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None]
@@ -85,11 +93,18 @@ class Streams:
             effects=HlsEffects(name, writer),
             mailbox_limit=self.config.rtmp.mailbox_limit,
             on_backpressure=on_backpressure,
+            supervisor=self,
+            max_restarts=self.config.supervisor.max_restarts,
+            restart_window=self.config.supervisor.restart_window,
             client=publisher.client,
         )
+        self.sessions_started += 1
         self.live[name] = LiveStream(name, session, publisher)
         event(log, logging.INFO, "publish started", stream=name, client=publisher.client)
         return session
+
+    def sessions(self) -> list[Session]:
+        return [live.session for live in self.live.values()]
 
     def unpublish(self, name: str, session: Session, reason: str) -> None:
         """End `session` (once); the playlist gets EXT-X-ENDLIST."""
@@ -98,11 +113,42 @@ class Streams:
             return
         del self.live[name]
         session.resume()
-        session.deliver(wire.End(now=time.time(), reason=reason))
+        if session.stopped:
+            self._end_without_logic(session, reason)
+        else:
+            session.deliver(wire.End(now=time.time(), reason=reason))
+            if session.stopped:
+                self._end_without_logic(session, reason)
         event(
             log, logging.INFO, "publish ended",
             stream=name, client=live.publisher.client, reason=reason,
         )
+
+    # -- supervisor ----------------------------------------------------------
+
+    def crashed(self, session: Session, message: Any, reason: str) -> None:
+        self.restarts_total += 1
+        for listener in list(self.crash_listeners):
+            listener(session)
+
+    def quarantined(self, session: Session, message: Any, reason: str) -> None:
+        generation = session.generation
+        self.dead_letters.keep(session.name, generation.number, generation.version, message, reason)
+
+    def give_up(self, session: Session, reason: str) -> None:
+        live = self.live.get(session.name)
+        if live is None or live.session is not session:
+            return
+        self.unpublish(session.name, session, reason)
+        live.publisher.disconnect(reason)
+
+    def _end_without_logic(self, session: Session, reason: str) -> None:
+        """The logic cannot end this stream: close the playlist from the runtime side."""
+        writer = self.writers.get(session.name)
+        if writer is not None and not writer.ended:
+            writer.salvage_open_segment()
+            writer.end_stream()
+        event(log, logging.WARNING, "playlist ended by the runtime", stream=session.name, reason=reason)
 
     def describe(self) -> list[dict[str, Any]]:
         return [live.session.describe() for live in self.live.values()]
