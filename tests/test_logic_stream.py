@@ -131,3 +131,16 @@ def test_state_rejects_unknown_fields():
     data["surprise"] = 1
     with pytest.raises(msgspec.ValidationError, match="surprise"):
         msgspec.convert(data, StreamState)
+
+
+def test_audio_before_the_first_keyframe_is_kept():
+    messages = [
+        wire.VideoConfig(AVCC), wire.AudioConfig(ASC),
+        wire.Audio(0, b"a0"), wire.Video(0, 0, False, b"p"), wire.Video(0, 0, True, b"k"),
+        wire.Audio(21, b"a1"),
+    ]
+    state, effects = feed(init("s", 0.0, SETTINGS), messages)
+    packets = [(e[1], bytes(e[5])) for e in ops(effects, "packet")]
+    assert packets == [("audio", b"a0"), ("video", b"k"), ("audio", b"a1")]
+    assert ops(effects, "segment_start") == [("segment_start", 0, False)]
+    assert state.health.dropped_frames == 1

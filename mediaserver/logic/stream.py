@@ -69,6 +69,11 @@ def _media(
         health.dropped_frames += 1
         return new, effects
 
+    if track == "video" and not keyframe and state.video.last_dts < 0:
+        # A decoder cannot start before the first keyframe.
+        health.dropped_frames += 1
+        return new, effects
+
     own, other = (state.video, state.audio) if track == "video" else (state.audio, state.video)
     clock, dts, outcome = timestamps.advance(own, raw_ts, other, state.timestamp_jump_ms)
     if track == "video":
@@ -84,11 +89,9 @@ def _media(
         health.timestamp_fixes += 1
 
     if not new.segment_open:
-        tracks = segments.tracks_available(new)
-        if not segments.can_start_segment(tracks, track, keyframe):
-            health.dropped_frames += 1
-            return new, effects
-        _open_segment(new, tracks, dts, effects)
+        # The stream's first segment opens on its first frame: publishers send
+        # audio and the first keyframe together, often audio first.
+        _open_segment(new, segments.tracks_available(new), dts, effects)
     elif segments.should_cut(new, track, keyframe, dts):
         effects.append((SEGMENT_END, new.sequence, max(dts - new.segment_start, 1)))
         health.segments += 1
