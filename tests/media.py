@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import io
 import os
+import re
 import shutil
 import socket
 import struct
@@ -540,7 +541,10 @@ def check_playlist_text(text: str, label: str = "playlist") -> m3u8.M3U8:
         assert round(s.duration) <= int(target), (
             f"{label}: EXTINF {s.duration} of {s.uri} rounds above TARGETDURATION {target}:\n{text}"
         )
-        assert "/" not in s.uri and ".." not in s.uri, f"{label}: unexpected segment URI {s.uri!r}"
+        parsed = urllib.parse.urlsplit(s.uri)
+        assert not parsed.scheme and not s.uri.startswith("/") and ".." not in s.uri.split("/"), (
+            f"{label}: segment URI {s.uri!r} is not a plain relative URI"
+        )
     return playlist
 
 
@@ -712,6 +716,7 @@ def _expected_payload(p: Packet, length_size: int) -> tuple[bytes, ...]:
 
 
 def _check_sequence(kind: str, inp: list[Packet], out: list[OutFrame], length_size: int, label: str) -> None:
+    __tracebackhide__ = True
     expected = [_expected_payload(p, length_size) for p in inp]
     got = [f.payload for f in out]
     for i in range(min(len(expected), len(got))):
@@ -794,6 +799,20 @@ def _check_timestamps(
     return offset
 
 
+def _aligned(inp: list[Packet], out: list[OutFrame], length_size: int) -> tuple[list[Packet], list[OutFrame]]:
+    """The input and output frames that match by payload, paired in order."""
+    import difflib
+
+    expected = [hash(_expected_payload(p, length_size)) for p in inp]
+    got = [hash(f.payload) for f in out]
+    matcher = difflib.SequenceMatcher(None, expected, got, autojunk=False)
+    pairs_in, pairs_out = [], []
+    for block in matcher.get_matching_blocks():
+        pairs_in += inp[block.a : block.a + block.size]
+        pairs_out += out[block.b : block.b + block.size]
+    return pairs_in, pairs_out
+
+
 @dataclass
 class Report:
     video_frames: int = 0
@@ -806,7 +825,7 @@ class Report:
 
 
 def assert_exact(
-    clip: Clip,
+    clip: Clip | Sequence[Clip],
     segments: Sequence[Segment],
     *,
     segment_target: float,
@@ -815,8 +834,18 @@ def assert_exact(
     av_sync_ticks: int = 90,
     audio_ts_tolerance: int = 0,
     prefix: bool = False,
+    max_gap_without_discontinuity: float = 1.0,
 ) -> Report:
-    """Assert that `segments` (one publish, no discontinuity inside) hold exactly `clip`.
+    """Assert that `segments` hold exactly `clip`: every frame once, in order,
+    payload-identical, timestamps = input + one constant per track (mod 2**33),
+    audio and video offsets equal, segments start on a keyframe and are no
+    longer than target + 1 GOP, no EXT-X-DISCONTINUITY inside.
+
+    `clip` may be a list of parts sent one after the other in ONE publish whose
+    clock jumps between parts: each part then has its own offset, and at a part
+    boundary the output either has an EXT-X-DISCONTINUITY on the segment that
+    starts with the part's first frame, or stays continuous (a step of at most
+    `max_gap_without_discontinuity` seconds on each track).
 
     `audio_ts_tolerance` (ticks) exists only for references made by the ffmpeg
     CLI, which re-times copied audio to sample precision when the output time
@@ -824,71 +853,167 @@ def assert_exact(
     `prefix`: the publish was cut short; the output must be exactly a prefix of
     the clip (every frame up to some point, then nothing).
     """
-    label = label or clip.path.name
+    __tracebackhide__ = True
+    parts = [clip] if isinstance(clip, Clip) else list(clip)
+    label = label or parts[0].path.name
     assert segments, f"{label}: no segments at all"
-    for k, seg in enumerate(segments):
-        assert k == 0 or not seg.discontinuity, (
-            f"{label}: unexpected EXT-X-DISCONTINUITY before segment #{seg.seq} {seg.uri}"
-        )
-        if probe:
-            ffprobe_check(seg.data, f"{label} segment #{seg.seq} {seg.uri}")
+    problems: list[str] = []
+
+    def check(fn, *args):
+        try:
+            return fn(*args)
+        except AssertionError as exc:
+            problems.append(str(exc))
+            return None
+
+    def require(ok: bool, text: str) -> None:
+        if not ok:
+            problems.append(f"{label}: {text}")
+
     report = Report(segments=len(segments))
     out_video = [f for s in segments for f in s.video]
     out_audio = [f for s in segments for f in s.audio]
-    in_video, in_audio = clip.video, clip.audio
+    in_video = [p for c in parts for p in c.video]
+    in_audio = [p for c in parts for p in c.audio]
+    # Where each part starts in the concatenated input, per track.
+    vstarts, astarts = [0], [0]
+    for c in parts:
+        vstarts.append(vstarts[-1] + len(c.video))
+        astarts.append(astarts[-1] + len(c.audio))
     if prefix:
         in_video, in_audio = in_video[: len(out_video)], in_audio[: len(out_audio)]
-    ls = clip.avc_length_size if in_video else 4
-    _check_sequence("video", in_video, out_video, ls, label)
-    _check_sequence("audio", in_audio, out_audio, ls, label)
+    has_video = bool(in_video) or any(c.video for c in parts)
+    ls = parts[0].avc_length_size if has_video else 4
     report.video_frames, report.audio_frames = len(out_video), len(out_audio)
-    report.video_offset = _check_timestamps("video", in_video, out_video, label)
-    report.audio_offset = _check_timestamps("audio", in_audio, out_audio, label, audio_ts_tolerance)
-    if report.video_offset is not None and report.audio_offset is not None:
-        skew = _signed(report.audio_offset - report.video_offset)
-        assert abs(skew) <= av_sync_ticks, (
-            f"{label}: audio is shifted by {skew} ticks ({skew / 90:.1f} ms) relative to video "
-            "(input A/V sync not kept)"
-        )
-    for kind, frames in (("video", out_video), ("audio", out_audio)):
-        for a, b in zip(frames, frames[1:]):
-            if _mod(b.dts) < _mod(a.dts):
+
+    # Payloads, each track on its own: a problem in one does not hide the other's.
+    n = len(problems)
+    check(_check_sequence, "video", in_video, out_video, ls, label)
+    video_ok = len(problems) == n
+    n = len(problems)
+    check(_check_sequence, "audio", in_audio, out_audio, ls, label)
+    audio_ok = len(problems) == n
+
+    # Timestamps, per part. When frames are missing or extra (single part
+    # only), on the frames that do match, so a lost frame does not hide a
+    # timing problem.
+    def part_slices(inp, out, starts, ok):
+        if ok:
+            return [(inp[a:b], out[a:b]) for a, b in zip(starts, starts[1:])]
+        if len(parts) == 1:
+            return [_aligned(inp, out, ls)]
+        return []
+
+    for k, ((iv, ov), (ia, oa)) in enumerate(
+        zip(part_slices(in_video, out_video, vstarts, video_ok) or [([], [])] * len(parts),
+            part_slices(in_audio, out_audio, astarts, audio_ok) or [([], [])] * len(parts))
+    ):
+        plabel = label if len(parts) == 1 else f"{label} (part {k})"
+        voff = check(_check_timestamps, "video", iv, ov, plabel) if iv else None
+        aoff = check(_check_timestamps, "audio", ia, oa, plabel, audio_ts_tolerance) if ia else None
+        if k == 0:
+            report.video_offset, report.audio_offset = voff, aoff
+        if voff is not None and aoff is not None:
+            skew = _signed(aoff - voff)
+            require(abs(skew) <= av_sync_ticks,
+                    f"{'' if len(parts) == 1 else f'part {k}: '}audio is shifted by {skew} ticks "
+                    f"({skew / 90:.1f} ms) relative to video (input A/V sync not kept)")
+    for frames in (out_video, out_audio):
+        for x, y in zip(frames, frames[1:]):
+            if _mod(y.dts) < _mod(x.dts) and _mod(x.dts) - _mod(y.dts) > TS_WRAP // 2:
                 report.output_wrapped = True
+
+    # Discontinuities: only on a segment that starts a new part.
+    part_first = set()
+    if video_ok and audio_ok:
+        for i in vstarts[1:-1]:
+            if i < len(out_video):
+                part_first.add(id(out_video[i]))
+        for i in astarts[1:-1]:
+            if i < len(out_audio):
+                part_first.add(id(out_audio[i]))
+    track_first = lambda seg: (seg.video or seg.audio or [None])[0]  # noqa: E731
+    for k, seg in enumerate(segments):
+        if probe:
+            check(ffprobe_check, seg.data, f"{label} segment #{seg.seq} {seg.uri}")
+        if k and seg.discontinuity:
+            first = track_first(seg)
+            require(first is not None and id(first) in part_first,
+                    f"unexpected EXT-X-DISCONTINUITY before segment #{seg.seq} {seg.uri} "
+                    "(the publisher's clock did not jump there)")
+    # At each part boundary: either a discontinuity segment that holds the new
+    # part's first frames (and none of the old part's), or continuity.
+    if video_ok and audio_ok:
+        disc_segments = {id(track_first(seg)): seg for k, seg in enumerate(segments) if k and seg.discontinuity}
+        for p in range(1, len(parts)):
+            tracks = [("video", out_video, vstarts[p]), ("audio", out_audio, astarts[p])]
+            tracks = [(kind, frames, i) for kind, frames, i in tracks if 0 < i < len(frames)]
+            cover = None
+            for kind, frames, i in tracks:
+                cover = cover or disc_segments.get(id(frames[i]))
+            for kind, frames, i in tracks:
+                if cover is not None:
+                    require(frames[i - 1].segment < cover.seq <= frames[i].segment,
+                            f"{kind} frames of part {p - 1} and {p} are not separated by the "
+                            f"EXT-X-DISCONTINUITY before segment #{cover.seq}: last of part {p - 1} in "
+                            f"#{frames[i - 1].segment}, first of part {p} in #{frames[i].segment}")
+                else:
+                    step = _signed(frames[i].dts - frames[i - 1].dts) / 90000
+                    require(0 < step <= max_gap_without_discontinuity,
+                            f"{kind} output jumps by {step:.3f}s between input frames {i - 1} and {i} "
+                            f"({_describe_out(frames[i])}) without an EXT-X-DISCONTINUITY")
+
     # Segment structure.
-    gop = clip.gop_seconds() if in_video else 0.0
-    slack = gop if in_video else 0.1  # audio-only: cut on any frame
+    gop = max((c.gop_seconds() for c in parts), default=0.0) if has_video else 0.0
+    slack = gop if has_video else 0.1  # audio-only: cut on any frame
     limit = segment_target + slack + 0.05
     for k, seg in enumerate(segments):
-        frames = seg.video if in_video else seg.audio
-        assert frames, f"{label}: segment #{seg.seq} {seg.uri} holds no {'video' if in_video else 'audio'}"
-        if in_video:
+        frames = seg.video if has_video else seg.audio
+        if not frames:
+            require(False, f"segment #{seg.seq} {seg.uri} holds no {'video' if has_video else 'audio'}")
+            continue
+        if has_video:
             first = frames[0]
-            assert first.keyframe, (
-                f"{label}: segment #{seg.seq} {seg.uri} starts with a non-keyframe "
-                f"(NAL types {nal_types(first.payload)}, dts={first.dts})"
-            )
+            require(first.keyframe,
+                    f"segment #{seg.seq} {seg.uri} starts with a non-keyframe "
+                    f"(NAL types {nal_types(first.payload)}, dts={first.dts})")
         start = frames[0].dts
-        if k + 1 < len(segments):
-            nxt = segments[k + 1].video if in_video else segments[k + 1].audio
+        nxt_seg = segments[k + 1] if k + 1 < len(segments) else None
+        nxt = (nxt_seg.video if has_video else nxt_seg.audio) if nxt_seg else None
+        ends_timeline = nxt_seg is None or nxt_seg.discontinuity or not nxt
+        if not ends_timeline:
             end = nxt[0].dts
         else:
-            step = 3000 if in_video else 1920
+            step = 3000 if has_video else 1920
             end = frames[-1].dts + step
         measured = _mod(end - start) / 90000
         report.longest_segment = max(report.longest_segment, measured, seg.duration)
-        assert seg.duration <= limit, (
-            f"{label}: segment #{seg.seq} {seg.uri} EXTINF {seg.duration:.3f}s > target "
-            f"{segment_target} + GOP {slack:.3f}s"
-        )
-        assert measured <= limit, (
-            f"{label}: segment #{seg.seq} {seg.uri} holds {measured:.3f}s of media > target "
-            f"{segment_target} + GOP {slack:.3f}s"
-        )
-        assert abs(measured - seg.duration) <= 0.1 or k + 1 == len(segments), (
-            f"{label}: segment #{seg.seq} {seg.uri} EXTINF {seg.duration:.3f}s but holds "
-            f"{measured:.3f}s of media"
-        )
+        require(seg.duration <= limit,
+                f"segment #{seg.seq} {seg.uri} EXTINF {seg.duration:.3f}s > target "
+                f"{segment_target} + GOP {slack:.3f}s")
+        require(measured <= limit,
+                f"segment #{seg.seq} {seg.uri} holds {measured:.3f}s of media > target "
+                f"{segment_target} + GOP {slack:.3f}s")
+        require(abs(measured - seg.duration) <= 0.1 or ends_timeline,
+                f"segment #{seg.seq} {seg.uri} EXTINF {seg.duration:.3f}s but holds "
+                f"{measured:.3f}s of media")
+    if problems:
+        shown = problems[:12]
+        more = f"\n... and {len(problems) - 12} more" if len(problems) > 12 else ""
+        raise AssertionError(f"{len(problems)} problem(s):\n" + "\n".join(shown) + more)
     return report
+
+
+_REASON = re.compile(r'reason=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def log_reason(line: str) -> str:
+    """The `reason=` field of a server log line (the whole line if it has none)."""
+    m = _REASON.search(line)
+    if not m:
+        return line
+    value = m.group(1)
+    return value[1:-1] if value.startswith('"') else value
 
 
 # --------------------------------------------------------------------------
@@ -1111,7 +1236,8 @@ class CorePublisher:
 
     def open(self) -> None:
         """Handshake, connect, createStream, publish; asserts NetStream.Publish.Start."""
-        self.flush()
+        self.flush()  # C0+C1
+        self.wait_event("HandshakeDone")  # C2 is queued by the core; nothing may precede it
         self.conn.connect(self.app, self.tc_url)
         self.flush()
         self.wait_event("ConnectResult")
@@ -1149,11 +1275,26 @@ class CorePublisher:
             pass
 
 
+def is_sequence_header(body: bytes) -> bool:
+    """An AVC or AAC sequence header FLV tag body (AVCPacketType / AACPacketType 0)."""
+    return len(body) > 1 and body[1] == 0 and (body[0] & 0x0F in (7,) or body[0] >> 4 == 10)
+
+
 def core_publish(
-    clip: Clip, host: str, port: int, name: str, *, ts_base: int = 0, paced: bool = True, speed: float = 1.0
+    clip: Clip,
+    host: str,
+    port: int,
+    name: str,
+    *,
+    ts_base: int = 0,
+    paced: bool = True,
+    speed: float = 1.0,
+    then: Sequence[tuple[Clip, int]] = (),
 ) -> CorePublisher:
     """Publish the whole clip with `CorePublisher`; RTMP timestamps are
-    `(ts_base + dts) mod 2**32`."""
+    `(ts_base + dts) mod 2**32`. `then`: more (clip, ts_base) parts sent on the
+    same stream right after (without new sequence headers), e.g. to make the
+    publisher's clock jump."""
     pub = CorePublisher(host, port, name)
     pub.open()
     meta = {"duration": 0.0, "encoder": "mediaserver-tests"}
@@ -1163,16 +1304,24 @@ def core_publish(
     if clip.audio:
         meta.update(audiocodecid=10.0, audiosamplerate=48000.0, stereo=True)
     pub.send_metadata(meta)
-    bodies = flv_tag_bodies(clip, ts_base)
     start = time.monotonic()
-    first = bodies[0][1]
-    for i, (kind, ts, body) in enumerate(bodies):
-        if paced:
-            delay = start + (ts - first) / 1000 / speed - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        pub.send(kind, ts, body)
-        if i % 32 == 0:
-            pub.drain()
+    elapsed = 0.0
+    sent = 0
+    for n, (part, base) in enumerate([(clip, ts_base), *then]):
+        bodies = flv_tag_bodies(part, base)
+        if n:
+            bodies = [b for b in bodies if not is_sequence_header(b[2])]
+        first = bodies[0][1]
+        part_start = start + elapsed / speed
+        for kind, ts, body in bodies:
+            if paced:
+                delay = part_start + (ts - first) / 1000 / speed - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            pub.send(kind, ts, body)
+            sent += 1
+            if sent % 32 == 0:
+                pub.drain()
+        elapsed += part.duration_ms / 1000
     pub.finish()
     return pub

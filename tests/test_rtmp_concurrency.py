@@ -27,7 +27,7 @@ def _assert_reason(server, port: int, pattern: str, what: str, timeout: float = 
     deadline = time.monotonic() + timeout
     while True:
         lines = _client_lines(server, port)
-        hits = [l for l in lines if re.search(pattern, l, re.I)]
+        hits = [l for l in lines if "reason=" in l and re.search(pattern, media.log_reason(l), re.I)]
         if hits or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -86,7 +86,7 @@ def _vanish_mid_chunk(port: int, clip: media.Clip, result: dict) -> None:
         pub.send(kind, ts, body)
         if not body[1:2] == b"\x00":  # not a sequence header
             counts[kind] += 1
-    big = next(b for k, t, b in bodies if k == "video" and t >= 1500 and len(b) > 6000)
+    big = max((b for k, t, b in bodies if k == "video" and t >= 1500), key=len)
     pub.conn.send_video(1600, big)
     data = pub.conn.data_to_send()
     pub.sock.sendall(data[: len(data) // 2])
@@ -129,25 +129,44 @@ def test_ten_publishers_and_bad_connections(server_factory, clips, ffmpeg_publis
         t.join(30)
     assert not errors, f"bad clients failed in an unexpected way: {errors!r}"
 
+    failures: list[str] = []
+
+    def collect(fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AssertionError as exc:
+            failures.append(str(exc))
+            return None
+
     for (name, clip), proc in zip(streams, procs):
         rc = wait_proc(proc, 40, f"publisher {name}")
         assert rc == 0, f"publisher {name} failed ({rc}):\n{ffmpeg_log(proc)}\n{server.log_tail()}"
+    exact = 0
     for name, clip in streams:
         wait_for_endlist(server.hls_url(name), 10)
         out = read_hls(server.hls_url(name))
-        assert_exact(clip, out.segments, segment_target=2.0, label=f"publisher {name}")
+        if collect(assert_exact, clip, out.segments, segment_target=2.0, label=f"publisher {name}"):
+            exact += 1
 
     # The bad connections: each one closed, each with a specific reason in the log.
-    assert bad["garbage"][0]["closed"], "garbage connection was never closed"
-    assert bad["stall"][0]["closed"], "stalled handshake was never closed"
-    assert bad["stall"][0]["after"] < 2.0 + 3.0, (
-        f"stalled handshake closed after {bad['stall'][0]['after']:.1f}s, handshake_timeout is 2 s"
-    )
+    if not bad["garbage"][0]["closed"]:
+        failures.append("garbage connection was never closed")
+    if not bad["stall"][0]["closed"]:
+        failures.append("stalled handshake was never closed")
+    elif bad["stall"][0]["after"] >= 2.0 + 3.0:
+        failures.append(
+            f"stalled handshake closed after {bad['stall'][0]['after']:.1f}s, handshake_timeout is 2 s"
+        )
+    expectations = {
+        "garbage": (r"version|handshake|protocol|invalid|garbage", "garbage instead of a handshake"),
+        "stall": (r"time ?out|timed out|within|deadline|too slow", "stalled handshake"),
+        # (strict wording for a truncated handshake is test_bad_input_live's job)
+        "close-in-handshake": (r"handshake|incomplete|truncat|partial|reset|disconnect|lost", "closed during the handshake"),
+        "vanish": (r"reset|lost|incomplete|mid|partial|broken|truncat", "vanished mid-chunk"),
+    }
     reasons = {
-        "garbage": _assert_reason(server, bad["garbage"][0]["port"], r"version|handshake|protocol|invalid|garbage", "garbage instead of a handshake"),
-        "stall": _assert_reason(server, bad["stall"][0]["port"], r"time ?out|timed out", "stalled handshake"),
-        "close-in-handshake": _assert_reason(server, bad["close-in-handshake"][0]["port"], r"handshake|closed|eof|reset", "closed during the handshake"),
-        "vanish": _assert_reason(server, bad["vanish"][0]["port"], r"reset|closed|eof|lost|incomplete|mid|vanish|broken", "vanished mid-chunk"),
+        key: collect(_assert_reason, server, bad[key][0]["port"], pattern, what)
+        for key, (pattern, what) in expectations.items()
     }
     print("reasons logged:\n" + "\n".join(f"{k}: {v}" for k, v in reasons.items()))
 
@@ -155,11 +174,15 @@ def test_ten_publishers_and_bad_connections(server_factory, clips, ffmpeg_publis
     # its playlist was ended.
     text = wait_for_endlist(server.hls_url("vanisher"), 10)
     out = read_hls(server.hls_url("vanisher"))
-    report = assert_exact(clips.get(SMALL), out.segments, segment_target=2.0, prefix=True, label="vanished publisher")
-    sent = bad["vanish"][0]["sent"]
-    assert (report.video_frames, report.audio_frames) == (sent["video"], sent["audio"]), (
-        f"the vanished publisher sent {sent} complete frames before vanishing; the output holds "
-        f"{report.video_frames} video and {report.audio_frames} audio frames:\n{text}"
+    report = collect(
+        assert_exact, clips.get(SMALL), out.segments, segment_target=2.0, prefix=True, label="vanished publisher"
     )
+    sent = bad["vanish"][0]["sent"]
+    if report and (report.video_frames, report.audio_frames) != (sent["video"], sent["audio"]):
+        failures.append(
+            f"the vanished publisher sent {sent} complete frames before vanishing; the output holds "
+            f"{report.video_frames} video and {report.audio_frames} audio frames:\n{text}"
+        )
     assert server.alive()
     server.assert_no_tracebacks()
+    assert not failures, f"{exact}/{N_PUBLISHERS} publishers exact; problems:\n" + "\n\n".join(failures)

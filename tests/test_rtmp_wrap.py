@@ -13,6 +13,7 @@ EXT-X-DISCONTINUITY there, one constant offset modulo 2**33.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -97,4 +98,26 @@ def test_output_crosses_33_bit_pts_wrap(server, clips, ffmpeg_publisher):
     # The server may shift timestamps by a constant; say whether the wrap was
     # really exercised (it is when the server keeps the publisher's clock).
     print(f"output offset {report.video_offset} ticks; output PTS wrapped: {report.output_wrapped}")
+    server.assert_no_tracebacks()
+
+
+@pytest.mark.timeout(120)
+def test_publisher_clock_jump_is_the_only_discontinuity(server, clips):
+    """One publish whose clock jumps forward by 60 s half way: an
+    EXT-X-DISCONTINUITY at the jump and nowhere else (or a continuous output
+    timeline), and each side exact with its own offset."""
+    first, second = clips.get(media.SMALL), clips.get(dataclasses.replace(media.SMALL, tone=990))
+    name = "jump"
+    poller = HlsPoller(server.hls_url(name), max_segments=server.config["hls"]["playlist_size"])
+    poller.start()
+    jump_to = first.duration_ms + 60_000
+    media.core_publish(first, "127.0.0.1", server.rtmp_port, name, then=[(second, jump_to)], speed=2.0)
+    assert poller.wait_endlist(10), f"no ENDLIST; last playlist:\n{poller.last_text}\n{server.log_tail()}"
+    poller.stop()
+    poller.assert_clean()
+    out = read_hls(server.hls_url(name))
+    # Either answer is right: a discontinuity exactly at the jump, or an output
+    # timeline that stays continuous across it. Each side must be exact.
+    assert out.text.count("#EXT-X-DISCONTINUITY\n") <= 1, out.text
+    assert_exact([first, second], out.segments, segment_target=2.0, label="clock jump of +60 s")
     server.assert_no_tracebacks()
