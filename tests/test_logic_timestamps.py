@@ -74,3 +74,25 @@ def test_small_backward_jitter_keeps_dts_strictly_increasing():
         outcomes.append(outcome)
     assert dts_seen == [0, 33, 34, 66]
     assert outcomes == [0, 0, 2, 0]
+
+
+def test_jump_in_both_tracks_keeps_them_in_sync():
+    video, audio = TrackClock(), TrackClock()
+    out = {"v": [], "a": []}
+    # Interleaved 30 fps video and ~47 fps audio, then both jump by +60 s.
+    events = []
+    for i in range(30):
+        events.append(("v", i * 33))
+        events.append(("a", i * 21))
+    for i in range(30):
+        events.append(("v", 60_000 + 1000 + i * 33))
+        events.append(("a", 60_000 + 1000 + i * 21))
+    for kind, raw in events:
+        if kind == "v":
+            video, dts, _ = timestamps.advance(video, raw, audio, JUMP)
+        else:
+            audio, dts, _ = timestamps.advance(audio, raw, video, JUMP)
+        out[kind].append((raw, dts))
+    shift_v = {raw - dts for raw, dts in out["v"][30:]}
+    shift_a = {raw - dts for raw, dts in out["a"][30:]}
+    assert len(shift_v) == 1 and shift_v == shift_a

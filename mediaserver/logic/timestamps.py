@@ -58,11 +58,17 @@ def advance(
     step = dts - clock.last_dts
     outcome = 0
     if step > jump_ms or step < -BACKWARD_JUMP_MS:
-        # The publisher's clock jumped: continue the output timeline one frame on.
-        continued = clock.last_dts + max(clock.last_duration, 1)
-        offset += continued - dts
-        dts = continued
         outcome = 1
+        shared = unwrapped + other.offset
+        if other.offset != offset and other.last_dts >= 0 and 0 < shared - clock.last_dts <= jump_ms:
+            # The other track already jumped by the same amount: take its
+            # offset, so audio and video stay exactly in sync.
+            offset, dts = other.offset, shared
+        else:
+            # The publisher's clock jumped: continue the output timeline one frame on.
+            continued = clock.last_dts + max(clock.last_duration, 1)
+            offset += continued - dts
+            dts = continued
     elif step <= 0:
         # Jitter backwards: keep dts strictly increasing, as MPEG-TS muxing needs.
         dts = clock.last_dts + 1

@@ -57,7 +57,9 @@ class ChunkReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        """Bytes held: an unfinished chunk plus the parts of unfinished messages."""
+        partial = sum(st.filled for st in self.streams.values() if st.message is not None)
+        return len(self._buf) + partial
 
     def feed(self, data: bytes | memoryview) -> list[RawMessage]:
         buf = self._buf

@@ -177,6 +177,18 @@ class ServerConnection(_Connection):
             self._send_control(ACK, (self.bytes_received & 0xFFFFFFFF).to_bytes(4, "big"))
         return events
 
+    def where(self) -> str:
+        """Where the session is, for a log line when the peer goes away."""
+        if self._hs_stage == 0:
+            return f"during the handshake ({len(self._hs)} of {_HANDSHAKE_C0C1} bytes of C0+C1)"
+        if self._hs_stage == 1:
+            return f"during the handshake ({len(self._hs)} of {handshake.SIZE} bytes of C2)"
+        if not self.connected:
+            return "before connect"
+        if self._reader.buffered:
+            return f"mid-message ({self._reader.buffered} bytes of unfinished chunks)"
+        return ""
+
     def _handshake(self, events: list[Any]) -> bytes:
         if self._hs_stage == 0:
             if self._hs and self._hs[0] != handshake.VERSION:

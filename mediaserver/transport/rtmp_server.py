@@ -90,10 +90,14 @@ class RtmpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = "client disconnected" if exc is None else f"connection lost: {exc}"
+        where = self.core.where()
+        if where:
+            reason = f"{reason} {where}"
         self._end_publish(reason)
         if not self.closed:
             self.closed = True
-            event(log, logging.INFO, "connection closed", client=self.client, reason=reason)
+            level = logging.WARNING if where else logging.INFO
+            event(log, level, "connection closed", client=self.client, stream=self.stream_name, reason=reason)
         self.server.connections.discard(self)
 
     # -- events --------------------------------------------------------------
