@@ -152,6 +152,8 @@ class Clip:
     """Every packet in file (interleaved, decode) order."""
     video_extradata: bytes | None
     audio_extradata: bytes | None
+    params: dict[str, tuple] = field(default_factory=dict)
+    """"video": (width, height), "audio": (sample_rate, channels)."""
 
     @property
     def video(self) -> list[Packet]:
@@ -183,12 +185,15 @@ class Clip:
 def read_clip(path: Path, spec: ClipSpec | None = None) -> Clip:
     packets: list[Packet] = []
     vextra = aextra = None
+    params: dict[str, tuple] = {}
     with av.open(str(path)) as container:
         for stream in container.streams:
             if stream.type == "video":
                 vextra = bytes(stream.codec_context.extradata or b"")
+                params["video"] = (stream.codec_context.name, stream.codec_context.width, stream.codec_context.height)
             elif stream.type == "audio":
                 aextra = bytes(stream.codec_context.extradata or b"")
+                params["audio"] = (stream.codec_context.name, stream.codec_context.sample_rate, stream.codec_context.channels)
         for pkt in container.demux():
             if pkt.size == 0 or pkt.stream.type not in ("video", "audio"):
                 continue
@@ -204,7 +209,7 @@ def read_clip(path: Path, spec: ClipSpec | None = None) -> Clip:
                     data=bytes(pkt),
                 )
             )
-    return Clip(Path(path), spec, packets, vextra or None, aextra or None)
+    return Clip(Path(path), spec, packets, vextra or None, aextra or None, params)
 
 
 def flv_tag_bodies(clip: Clip, ts_base: int = 0) -> list[tuple[str, int, bytes]]:
@@ -334,10 +339,12 @@ class Segment:
     discontinuity: bool
     data: bytes
     _frames: tuple[list[OutFrame], list[OutFrame]] | None = field(default=None, repr=False)
+    params: dict[str, tuple] = field(default_factory=dict, repr=False)
+    """Codec parameters as the demuxer sees them (like `Clip.params`)."""
 
     def frames(self) -> tuple[list[OutFrame], list[OutFrame]]:
         if self._frames is None:
-            self._frames = demux_segment(self.data, seq=self.seq, uri=self.uri)
+            self._frames = demux_segment(self.data, seq=self.seq, uri=self.uri, params=self.params)
         return self._frames
 
     @property
@@ -429,13 +436,22 @@ def pes_timestamps(data: bytes) -> dict[int, list[int]]:
     return out
 
 
-def demux_segment(data: bytes, seq: int = -1, uri: str = "") -> tuple[list[OutFrame], list[OutFrame]]:
+def demux_segment(
+    data: bytes, seq: int = -1, uri: str = "", params: dict[str, tuple] | None = None
+) -> tuple[list[OutFrame], list[OutFrame]]:
     """Demux one MPEG-TS segment with PyAV into normalised video and audio frames."""
     video: list[OutFrame] = []
     audio: list[OutFrame] = []
     pes = pes_timestamps(data)
     with av.open(io.BytesIO(data), format="mpegts") as container:
         audio_pids = {s.id for s in container.streams if s.type == "audio"}
+        if params is not None:
+            for st in container.streams:
+                cc = st.codec_context
+                if st.type == "video":
+                    params["video"] = (cc.name, cc.width, cc.height)
+                elif st.type == "audio":
+                    params["audio"] = (cc.name, cc.sample_rate, cc.channels)
         carried = {pts for pid in audio_pids for pts in pes.get(pid, ())}
         for pkt in container.demux():
             if pkt.size == 0:
@@ -963,6 +979,20 @@ def assert_exact(
                             f"{kind} output jumps by {step:.3f}s between input frames {i - 1} and {i} "
                             f"({_describe_out(frames[i])}) without an EXT-X-DISCONTINUITY")
 
+    # Codec parameters as a player sees them (a wrong ADTS sampling index or a
+    # lost SPS decodes without errors but plays wrong).
+    for seg in segments:
+        seg.frames()
+        require(set(seg.params) == set(parts[0].params),
+                f"segment #{seg.seq} {seg.uri} has tracks {sorted(seg.params)}, the input "
+                f"{sorted(parts[0].params)}")
+        for kind, value in parts[0].params.items():
+            got = seg.params.get(kind)
+            if not (seg.video if kind == "video" else seg.audio):
+                continue  # no frames of that track here: nothing to describe it
+            require(got is None or got == value,
+                    f"segment #{seg.seq} {seg.uri}: {kind} is {got}, the input {value}")
+
     # Segment structure.
     gop = max((c.gop_seconds() for c in parts), default=0.0) if has_video else 0.0
     slack = gop if has_video else 0.1  # audio-only: cut on any frame
@@ -1125,6 +1155,8 @@ AV = ClipSpec()
 """8 s, 320x180, 30 fps, 1 s GOP, H.264 (no B-frames) + AAC 48 kHz stereo."""
 BFRAMES = ClipSpec(bframes=2)
 """Same with 2 B-frames between references: cts != 0."""
+LONG_GOP = ClipSpec(gop=90, duration=9.0)
+"""3 s GOP, longer than the 2 s segment target: segments are cut at 3 s."""
 AUDIO_ONLY = ClipSpec(kind="audio")
 VIDEO_ONLY = ClipSpec(kind="video")
 SMALL = ClipSpec(duration=6.0, width=160, height=90)

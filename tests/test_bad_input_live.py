@@ -230,3 +230,76 @@ def test_bad_connections_beside_a_live_stream(server_factory, clips, ffmpeg_publ
 
 def http_ok(server) -> bool:
     return media.http_get(server.http_url("/healthz")).status == 200
+
+
+@pytest.mark.timeout(60)
+def test_idle_publisher_is_dropped_and_its_stream_ended(server_factory, clips):
+    """A publisher that goes silent (socket open, no bytes) is dropped after
+    idle_timeout with a logged reason; what it sent is in the output and the
+    playlist gets EXT-X-ENDLIST."""
+    idle = 2.0
+    server = server_factory(rtmp={"idle_timeout": idle})
+    clip = clips.get(media.SMALL)
+    name = "sleepy"
+    pub = media.CorePublisher("127.0.0.1", server.rtmp_port, name)
+    pub.open()
+    counts = {"video": 0, "audio": 0}
+    start = time.monotonic()
+    for kind, ts, body in media.flv_tag_bodies(clip):
+        if ts >= 1500:
+            break
+        delay = start + ts / 1000 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        pub.send(kind, ts, body)
+        if not media.is_sequence_header(body):
+            counts[kind] += 1
+    silent_from = time.monotonic()
+    closed, after = wait_closed(pub.sock, idle + 10)
+    took = time.monotonic() - silent_from
+    port = pub.local_port
+    pub.close()
+    assert closed, f"idle publisher not dropped within {idle + 10:.0f}s"
+    assert took <= idle + 1.5, f"idle publisher dropped after {took:.1f}s, idle_timeout is {idle}s"
+    hits, lines = _reason_lines(server, port, r"idle|inactiv|no data|silent|time ?out")
+    assert hits, f"no idle reason logged for client port {port}: {lines}\n{server.log_tail()}"
+    text = wait_for_endlist(server.hls_url(name), 5)
+    out = read_hls(server.hls_url(name))
+    report = assert_exact(clip, out.segments, segment_target=2.0, prefix=True, label="idle publisher")
+    assert (report.video_frames, report.audio_frames) == (counts["video"], counts["audio"]), (
+        f"the idle publisher sent {counts} complete frames; the output holds "
+        f"{report.video_frames} video and {report.audio_frames} audio frames:\n{text}"
+    )
+    server.assert_no_tracebacks()
+
+
+BAD_NAMES = ["..", ".", "../escape1", "a/../../escape2", "/escape3", "escape4/../..", "x" * 300,
+             "bad name", "nul\x00byte", "..\\escape5", "%2e%2e"]
+
+
+@pytest.mark.timeout(60)
+def test_stream_names_cannot_escape_the_hls_dir(server, tmp_path):
+    """Publishing under names that are paths is refused, and nothing is written
+    outside data_dir/hls/<name>/ for a valid name."""
+    before = {p for p in server.workdir.rglob("*")}
+    accepted = []
+    for bad in BAD_NAMES:
+        pub = media.CorePublisher("127.0.0.1", server.rtmp_port, bad)
+        try:
+            pub.open()
+        except (AssertionError, ConnectionError, OSError):
+            pass  # refused: an error status, or the connection closed
+        else:
+            accepted.append(bad)
+        finally:
+            pub.close()
+    time.sleep(0.5)
+    after = {p for p in server.workdir.rglob("*")}
+    new = sorted(str(p.relative_to(server.workdir)) for p in after - before)
+    unexpected = [p for p in new if not p.startswith("data/hls/") and not p.startswith("data/dead-letters")
+                  and p != "server.log"]
+    escaped = [p for p in new if "escape" in p]
+    assert not accepted, f"publish accepted for path-like names {accepted!r}; new files: {new}"
+    assert not escaped and not unexpected, f"files created outside the stream dirs: {escaped or unexpected}"
+    assert server.alive()
+    server.assert_no_tracebacks()

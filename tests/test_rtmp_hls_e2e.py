@@ -27,6 +27,7 @@ from media import (
     AV,
     AUDIO_ONLY,
     BFRAMES,
+    LONG_GOP,
     SMALL,
     VIDEO_ONLY,
     ClipSpec,
@@ -159,14 +160,14 @@ def test_comparison_accepts_reference_and_catches_damage(clips, tmp_path):
 
 @pytest.mark.parametrize(
     "spec",
-    [AV, BFRAMES, AUDIO_ONLY, VIDEO_ONLY],
-    ids=["h264-aac", "bframes", "audio-only", "video-only"],
+    [AV, BFRAMES, AUDIO_ONLY, VIDEO_ONLY, LONG_GOP],
+    ids=["h264-aac", "bframes", "audio-only", "video-only", "gop-3s"],
 )
 def test_ffmpeg_publish_is_exact(server, clips, ffmpeg_publisher, spec):
     """ffmpeg -re -i clip.flv -c copy -f flv rtmp://.../live/NAME: the HLS output
     holds exactly the clip."""
     clip = clips.get(spec)
-    name = f"cam-{spec.kind}-bf{spec.bframes}"
+    name = f"cam-{spec.kind}-bf{spec.bframes}-g{spec.gop}"
     poller = _poller(server, name)
     proc = ffmpeg_publisher(clip.path, server.rtmp_url(name))
     rc = wait_proc(proc, spec.duration + 30)
@@ -288,4 +289,82 @@ def test_sigterm_mid_stream_ends_playlist_and_exits_0(server, clips, ffmpeg_publ
     assert report.video_frames >= 60, f"only {report.video_frames} video frames written"
     # The publisher's connection went away with the server.
     wait_proc(proc, 15, "publisher after server stop")
+    server.assert_no_tracebacks()
+
+
+def test_on_conflict_replace_hands_the_name_over(server_factory, clips, ffmpeg_publisher):
+    """on_conflict = "replace": the second publisher takes the name over, the
+    first is disconnected; what the first sent is an exact prefix, then one
+    EXT-X-DISCONTINUITY, then exactly the second clip."""
+    server = server_factory(publish={"on_conflict": "replace"})
+    first_clip, second_clip = clips.get(AV), clips.get(BFRAMES)
+    name = "handover"
+    poller = _poller(server, name)
+    first = ffmpeg_publisher(first_clip.path, server.rtmp_url(name))
+    wait_for_playlist(server.hls_url(name), 10, lambda t: t.count("#EXTINF") >= 1)
+    second = ffmpeg_publisher(second_clip.path, server.rtmp_url(name))
+    wait_proc(first, 15, "the replaced publisher")  # it must be disconnected, whatever its exit code
+    assert wait_proc(second, 40) == 0, ffmpeg_log(second)
+    exited = time.monotonic()
+    final = _finish(server, name, poller, exited)
+    groups = split_at_discontinuities(final.segments)
+    assert len(groups) == 2, f"expected one EXT-X-DISCONTINUITY at the hand-over:\n{final.text}"
+    assert server.log_lines(r"replace"), f"the hand-over is not logged:\n{server.log_tail()}"
+    problems = []
+    for args, kwargs in (
+        ((first_clip, groups[0]), {"prefix": True, "label": "replaced publisher"}),
+        ((second_clip, groups[1]), {"label": "replacing publisher"}),
+    ):
+        try:
+            assert_exact(*args, segment_target=2.0, **kwargs)
+        except AssertionError as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
+    server.assert_no_tracebacks()
+
+
+def test_name_is_free_again_right_after_its_publisher_vanishes(server, clips, ffmpeg_publisher):
+    """A publisher that vanishes (TCP reset) mid-stream frees its name at once:
+    a new publisher on it is accepted (on_conflict = "refuse"), and both
+    outputs are exact (the first one up to where it vanished)."""
+    import socket
+    import struct
+
+    clip = clips.get(AV)
+    name = "phoenix"
+    poller = _poller(server, name)
+    pub = media.CorePublisher("127.0.0.1", server.rtmp_port, name)
+    pub.open()
+    counts = {"video": 0, "audio": 0}
+    start = time.monotonic()
+    for kind, ts, body in media.flv_tag_bodies(clip):
+        if ts >= 2500:
+            break
+        delay = start + ts / 1000 - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        pub.send(kind, ts, body)
+        if not media.is_sequence_header(body):
+            counts[kind] += 1
+    time.sleep(0.3)
+    pub.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    pub.sock.close()
+    time.sleep(0.2)
+    second = dataclasses.replace(AV, tone=660)
+    proc = ffmpeg_publisher(clips.path(second), server.rtmp_url(name))
+    rc = wait_proc(proc, 40)
+    exited = time.monotonic()
+    assert rc == 0, (
+        f"republish right after the first publisher vanished failed ({rc}):\n{ffmpeg_log(proc)}\n"
+        f"{server.log_tail()}"
+    )
+    final = _finish(server, name, poller, exited)
+    groups = split_at_discontinuities(final.segments)
+    assert len(groups) == 2, final.text
+    report = assert_exact(clip, groups[0], segment_target=2.0, prefix=True, label="vanished publisher")
+    assert (report.video_frames, report.audio_frames) == (counts["video"], counts["audio"]), (
+        f"the vanished publisher sent {counts} complete frames; the output holds "
+        f"{report.video_frames} video and {report.audio_frames} audio frames"
+    )
+    assert_exact(clips.get(second), groups[1], segment_target=2.0, label="republish")
     server.assert_no_tracebacks()
