@@ -9,7 +9,9 @@ from pathlib import Path
 
 from .config import Config
 from .logsetup import event
+from .metrics import ServerMetrics
 from .runtime.generation import installed_logic_dir, load_generation
+from .runtime.relup import CodeServer
 from .runtime.streams import Streams
 from .transport.http_server import HttpServer
 from .transport.rtmp_server import RtmpServer
@@ -22,10 +24,13 @@ async def serve(config: Config) -> int:
     (data_dir / "hls").mkdir(parents=True, exist_ok=True)
     generation = load_generation(installed_logic_dir())
     streams = Streams(config, generation)
+    code_server = CodeServer(config.relup, streams, generation)
     rtmp_server = RtmpServer(config.rtmp, streams)
-    http_server = HttpServer(config.http, data_dir / "hls")
+    metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
+    http_server = HttpServer(config.http, data_dir / "hls", metrics)
     await rtmp_server.start()
     await http_server.start()
+    metrics.start()
     event(
         log, logging.INFO, "mediaserver started",
         version=generation.version,
@@ -44,6 +49,7 @@ async def serve(config: Config) -> int:
     rtmp_server.stop_accepting()
     streams.shutdown("server shutting down")
     await rtmp_server.close("server shutting down")
+    metrics.stop()
     await http_server.close()
     event(log, logging.INFO, "stopped")
     return 0

@@ -47,6 +47,8 @@ class HlsWriter:
         self.next_sequence = 0
         self.ended = False
         self.segments_written = 0
+        self.frames_out = {"video": 0, "audio": 0}
+        self.bytes_out = 0
         self._codecs: dict[str, bytes] = {}
         self._container: av.container.OutputContainer | None = None
         self._streams: dict[str, av.stream.Stream] = {}
@@ -109,6 +111,8 @@ class HlsWriter:
         packet.is_keyframe = keyframe
         packet.stream = stream
         self._container.mux(packet)  # type: ignore[union-attr]
+        self.frames_out[track] += 1
+        self.bytes_out += len(data)
 
     def end_segment(self, sequence: int, duration_ms: int) -> None:
         if self._container is None or sequence != self._open_sequence:

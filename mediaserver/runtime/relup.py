@@ -95,6 +95,9 @@ class CodeServer:
         self.lock = asyncio.Lock()
         """One lock for apply, revert and auto-revert."""
         self._auto_revert: asyncio.Task[Any] | None = None
+        self.report_listeners: list[Callable[[RelupReport], None]] = []
+        self.counts: dict[str, int] = {}
+        """(action, ok|refused) -> how many, for metrics; history itself is capped."""
         streams.crash_listeners.append(self._on_crash)
 
     @property
@@ -313,6 +316,10 @@ class CodeServer:
     def _record(self, report: RelupReport) -> None:
         self.history.append(report)
         del self.history[:-100]
+        key = f"{report.action}:{'ok' if report.ok else 'refused'}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        for listener in list(self.report_listeners):
+            listener(report)
         level = logging.INFO if report.ok else logging.ERROR
         event(
             log, level, f"relup {report.action} {'done' if report.ok else 'refused'}",

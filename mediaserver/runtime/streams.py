@@ -57,6 +57,8 @@ class Streams:
         self.crash_listeners: list[Callable[[Session], None]] = []
         self.sessions_started = 0
         self.restarts_total = 0
+        self.received: dict[str, dict[str, int]] = {}
+        """Per name: bytes and frames received by publishes that have ended."""
 
     def publish(
         self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None]
@@ -112,6 +114,11 @@ class Streams:
         if live is None or live.session is not session:
             return
         del self.live[name]
+        publisher = live.publisher
+        totals = self.received.setdefault(name, {"bytes": 0, "video": 0, "audio": 0})
+        totals["bytes"] += getattr(publisher, "bytes_in", 0)
+        for track, count in getattr(publisher, "frames_in", {}).items():
+            totals[track] += count
         session.resume()
         if session.stopped:
             self._end_without_logic(session, reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -26,11 +27,13 @@ CORS = {
 
 
 class HttpServer:
-    def __init__(self, config: HttpConfig, hls_root: Path) -> None:
+    def __init__(self, config: HttpConfig, hls_root: Path, metrics: Any = None) -> None:
         self.config = config
         self.hls_root = hls_root
+        self.metrics = metrics
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/metrics", self.metrics_page)
         self.app.router.add_get("/live/{name}/{file}", self.hls_file)
         self.app.router.add_route("OPTIONS", "/live/{name}/{file}", self.preflight)
         self._runner: web.AppRunner | None = None
@@ -53,6 +56,14 @@ class HttpServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n", headers={"Cache-Control": "no-cache"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise web.HTTPNotFound(text="metrics are not enabled\n")
+        return web.Response(
+            body=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-cache"},
+        )
 
     async def preflight(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers=CORS)

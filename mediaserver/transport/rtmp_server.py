@@ -49,6 +49,8 @@ class RtmpConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.stream_name: str | None = None
         self.stream_id: int | None = None
+        self.frames_in = {"video": 0, "audio": 0}
+        self.published_at = 0.0
         self._handlers: dict[type, Callable[[Any], None]] = {
             rtmp.VideoMessage: self._on_video,
             rtmp.AudioMessage: self._on_audio,
@@ -133,6 +135,7 @@ class RtmpConnection(asyncio.Protocol):
             return
         self.stream_name = name
         self.stream_id = ev.stream_id
+        self.published_at = time.monotonic()
         self.core.accept_publish(ev.stream_id)
 
     def _on_metadata(self, ev: Any) -> None:
@@ -157,6 +160,7 @@ class RtmpConnection(asyncio.Protocol):
         if tag.is_config:
             session.deliver(wire.VideoConfig(data=bytes(tag.data)))
         elif not tag.is_end and len(tag.data):
+            self.frames_in["video"] += 1
             session.deliver(wire.Video(ev.timestamp, tag.cts, tag.keyframe, tag.data))
 
     def _on_audio(self, ev: Any) -> None:
@@ -177,6 +181,7 @@ class RtmpConnection(asyncio.Protocol):
         if tag.is_config:
             session.deliver(wire.AudioConfig(data=bytes(tag.data)))
         elif len(tag.data):
+            self.frames_in["audio"] += 1
             session.deliver(wire.Audio(ev.timestamp, tag.data))
 
     def _on_unpublish(self, ev: Any) -> None:
@@ -213,6 +218,10 @@ class RtmpConnection(asyncio.Protocol):
         self._end_publish(reason)
         if self.transport is not None:
             self.transport.close()
+
+    @property
+    def bytes_in(self) -> int:
+        return self.core.bytes_received
 
     def sweep(self, now: float) -> None:
         """Apply the handshake and idle deadlines (called by the server's timer)."""
