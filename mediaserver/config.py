@@ -56,10 +56,24 @@ class HlsConfig(_Section):
     is a jump: the segment is cut there and marked EXT-X-DISCONTINUITY."""
 
 
+class StreamKey(_Section):
+    name: str
+    """A stream name or a shell-style pattern (`studio-*`)."""
+    key: str
+
+
 class PublishConfig(_Section):
     on_conflict: Literal["refuse", "replace"] = "refuse"
     """What a second publisher on a live name gets: refused (nginx-rtmp's default),
     or it replaces the first one (MediaMTX's behaviour)."""
+    keys: list[StreamKey] = []
+    """When any key is configured, every publish needs the key of a rule matching
+    its name: `?key=` in RTMP, the bearer token in WHIP."""
+    webhook: str = ""
+    """URL POSTed a JSON body before each publish; only a 2xx answer lets it start."""
+    webhook_timeout: float = 3.0
+    unpublish_webhook: str = ""
+    """URL POSTed when a publish ends (like nginx-rtmp's on_publish_done)."""
 
 
 class SupervisorConfig(_Section):
@@ -120,6 +134,7 @@ def _check_ranges(config: Config, path: str | Path) -> None:
         ("hls.timestamp_jump", config.hls.timestamp_jump, config.hls.timestamp_jump > 0),
         ("rtmp.handshake_timeout", config.rtmp.handshake_timeout, config.rtmp.handshake_timeout > 0),
         ("rtmp.idle_timeout", config.rtmp.idle_timeout, config.rtmp.idle_timeout > 0),
+        ("publish.webhook_timeout", config.publish.webhook_timeout, config.publish.webhook_timeout > 0),
         ("supervisor.max_restarts", config.supervisor.max_restarts, config.supervisor.max_restarts >= 0),
         ("supervisor.restart_window", config.supervisor.restart_window, config.supervisor.restart_window > 0),
         ("relup.auto_revert_crashes", config.relup.auto_revert_crashes, config.relup.auto_revert_crashes >= 1),

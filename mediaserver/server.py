@@ -7,6 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
+from .auth import PublishAuth
 from .config import Config
 from .logsetup import event
 from .metrics import ServerMetrics
@@ -25,7 +26,8 @@ async def serve(config: Config) -> int:
     generation = load_generation(installed_logic_dir())
     streams = Streams(config, generation)
     code_server = CodeServer(config.relup, streams, generation)
-    rtmp_server = RtmpServer(config.rtmp, streams)
+    auth = PublishAuth(config.publish)
+    rtmp_server = RtmpServer(config.rtmp, streams, auth)
     metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
     http_server = HttpServer(config.http, data_dir / "hls", metrics)
     await rtmp_server.start()
@@ -50,6 +52,7 @@ async def serve(config: Config) -> int:
     streams.shutdown("server shutting down")
     await rtmp_server.close("server shutting down")
     metrics.stop()
+    await auth.close()
     await http_server.close()
     event(log, logging.INFO, "stopped")
     return 0

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from .. import wire
+from ..auth import PublishAuth, PublishDenied, key_from_query
 from ..config import RtmpConfig
 from ..logsetup import event
 from ..proto import flv, rtmp
@@ -51,6 +52,9 @@ class RtmpConnection(asyncio.Protocol):
         self.stream_id: int | None = None
         self.frames_in = {"video": 0, "audio": 0}
         self.published_at = 0.0
+        self._authorizing = False
+        self._held: list[Any] = []
+        """Events that arrived while a publish waited for its webhook."""
         self._handlers: dict[type, Callable[[Any], None]] = {
             rtmp.VideoMessage: self._on_video,
             rtmp.AudioMessage: self._on_audio,
@@ -81,14 +85,20 @@ class RtmpConnection(asyncio.Protocol):
             self._flush()
             self.disconnect(f"protocol error: {exc}", level=logging.WARNING)
             return
+        self._dispatch(events)
+        self._flush()
+
+    def _dispatch(self, events: list[Any]) -> None:
         handlers = self._handlers
-        for ev in events:
+        for index, ev in enumerate(events):
+            if self._authorizing:
+                self._held.extend(events[index:])
+                return
             handler = handlers.get(type(ev))
             if handler is not None:
                 handler(ev)
                 if self.closed:
                     return
-        self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = "client disconnected" if exc is None else f"connection lost: {exc}"
@@ -116,7 +126,7 @@ class RtmpConnection(asyncio.Protocol):
 
     def _on_publish(self, ev: Any) -> None:
         name = str(ev.name)
-        if self.session is not None:
+        if self.session is not None or self._authorizing:
             self.core.reject_publish(ev.stream_id, "NetStream.Publish.BadName", "already publishing")
             self._flush()
             self.disconnect("second publish on one connection", level=logging.WARNING)
@@ -126,6 +136,47 @@ class RtmpConnection(asyncio.Protocol):
             self._flush()
             self.disconnect(f"invalid stream name {name!r}", level=logging.WARNING)
             return
+        auth = self.server.auth
+        key = key_from_query(ev.query)
+        if auth.config.webhook:
+            # The webhook answers later: hold this connection's input meanwhile.
+            self._authorizing = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._authorize(ev, name, key))
+            return
+        try:
+            auth.check_key(name, key)
+        except PublishDenied as exc:
+            self._refuse(ev, name, str(exc))
+            return
+        self._start_publish(ev, name)
+
+    async def _authorize(self, ev: Any, name: str, key: str) -> None:
+        reason = ""
+        try:
+            await self.server.auth.authorize("rtmp", name, key, self.client)
+        except PublishDenied as exc:
+            reason = str(exc)
+        if self.closed:
+            return
+        self._authorizing = False
+        if reason:
+            self._refuse(ev, name, reason)
+            return
+        self._start_publish(ev, name)
+        held, self._held = self._held, []
+        self._dispatch(held)
+        self._flush()
+        if not self.closed and self.transport is not None and not self._authorizing:
+            self.transport.resume_reading()
+
+    def _refuse(self, ev: Any, name: str, reason: str) -> None:
+        self.core.reject_publish(ev.stream_id, "NetStream.Publish.BadAuth", reason)
+        self._flush()
+        self.disconnect(f"publish denied: {reason}", level=logging.WARNING, stream=name)
+
+    def _start_publish(self, ev: Any, name: str) -> None:
         try:
             self.session = self.streams.publish(name, self, self._backpressure)
         except PublishRefused as exc:
@@ -207,6 +258,7 @@ class RtmpConnection(asyncio.Protocol):
         session, self.session = self.session, None
         if session is not None and self.stream_name is not None:
             self.streams.unpublish(self.stream_name, session, reason)
+            self.server.auth.notify_unpublish("rtmp", self.stream_name, self.client, reason)
 
     def disconnect(self, reason: str, level: int = logging.INFO, **fields: Any) -> None:
         """Close this connection (once), ending its publish; `reason` is logged."""
@@ -235,9 +287,10 @@ class RtmpConnection(asyncio.Protocol):
 
 
 class RtmpServer:
-    def __init__(self, config: RtmpConfig, streams: Streams) -> None:
+    def __init__(self, config: RtmpConfig, streams: Streams, auth: PublishAuth) -> None:
         self.config = config
         self.streams = streams
+        self.auth = auth
         self.connections: set[RtmpConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
