@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import http.server
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -30,7 +28,6 @@ from media import (
     LONG_GOP,
     SMALL,
     VIDEO_ONLY,
-    ClipSpec,
     HlsPoller,
     assert_exact,
     ffmpeg_log,

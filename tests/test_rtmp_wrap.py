@@ -14,7 +14,6 @@ EXT-X-DISCONTINUITY there, one constant offset modulo 2**33.
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 
