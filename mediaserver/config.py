@@ -76,6 +76,18 @@ class PublishConfig(_Section):
     """URL POSTed when a publish ends (like nginx-rtmp's on_publish_done)."""
 
 
+class LimitsConfig(_Section):
+    max_connections: int = 1000
+    """Open RTMP connections in total; more are closed at once with a logged reason."""
+    max_connections_per_client: int = 20
+    """Open RTMP connections from one client address."""
+    max_streams: int = 500
+    """Live streams; a publish beyond it is refused."""
+    http_max_header_bytes: int = 8190
+    """Longest HTTP request line or header field; longer ones get 400."""
+    http_max_headers: int = 64
+
+
 class SupervisorConfig(_Section):
     max_restarts: int = 5
     """A session whose handler raises more than this many times..."""
@@ -101,6 +113,7 @@ class Config(_Section):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     hls: HlsConfig = msgspec.field(default_factory=HlsConfig)
     publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     relup: RelupConfig = msgspec.field(default_factory=RelupConfig)
 
@@ -135,6 +148,11 @@ def _check_ranges(config: Config, path: str | Path) -> None:
         ("rtmp.handshake_timeout", config.rtmp.handshake_timeout, config.rtmp.handshake_timeout > 0),
         ("rtmp.idle_timeout", config.rtmp.idle_timeout, config.rtmp.idle_timeout > 0),
         ("publish.webhook_timeout", config.publish.webhook_timeout, config.publish.webhook_timeout > 0),
+        ("limits.max_connections", config.limits.max_connections, config.limits.max_connections >= 1),
+        ("limits.max_connections_per_client", config.limits.max_connections_per_client, config.limits.max_connections_per_client >= 1),
+        ("limits.max_streams", config.limits.max_streams, config.limits.max_streams >= 1),
+        ("limits.http_max_header_bytes", config.limits.http_max_header_bytes, 256 <= config.limits.http_max_header_bytes <= 65536),
+        ("limits.http_max_headers", config.limits.http_max_headers, 1 <= config.limits.http_max_headers <= 1000),
         ("supervisor.max_restarts", config.supervisor.max_restarts, config.supervisor.max_restarts >= 0),
         ("supervisor.restart_window", config.supervisor.restart_window, config.supervisor.restart_window > 0),
         ("relup.auto_revert_crashes", config.relup.auto_revert_crashes, config.relup.auto_revert_crashes >= 1),

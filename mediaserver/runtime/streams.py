@@ -64,6 +64,8 @@ class Streams:
         self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None]
     ) -> Session:
         current = self.live.get(name)
+        if current is None and len(self.live) >= self.config.limits.max_streams:
+            raise PublishRefused(f"the server's limit of {self.config.limits.max_streams} live streams is reached")
         if current is not None:
             if self.config.publish.on_conflict == "refuse":
                 raise PublishRefused(f"stream {name} is already being published by {current.publisher.client}")

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..config import HttpConfig
+from ..config import HttpConfig, LimitsConfig
 from .rtmp_server import NAME_PATTERN
 
 SEGMENT_PATTERN = re.compile(r"seg[0-9]{1,20}\.ts")
@@ -27,8 +27,11 @@ CORS = {
 
 
 class HttpServer:
-    def __init__(self, config: HttpConfig, hls_root: Path, metrics: Any = None) -> None:
+    def __init__(
+        self, config: HttpConfig, hls_root: Path, metrics: Any = None, limits: LimitsConfig | None = None
+    ) -> None:
         self.config = config
+        self.limits = limits or LimitsConfig()
         self.hls_root = hls_root
         self.metrics = metrics
         self.app = web.Application(client_max_size=64 * 1024)
@@ -40,7 +43,14 @@ class HttpServer:
         self._site: web.TCPSite | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            max_line_size=self.limits.http_max_header_bytes,
+            max_field_size=self.limits.http_max_header_bytes,
+            max_headers=self.limits.http_max_headers,
+        )
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         await self._site.start()

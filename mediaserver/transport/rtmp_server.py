@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from .. import wire
 from ..auth import PublishAuth, PublishDenied, key_from_query
-from ..config import RtmpConfig
+from ..config import LimitsConfig, RtmpConfig
 from ..logsetup import event
 from ..proto import flv, rtmp
 from ..proto.errors import ProtocolError
@@ -42,6 +42,7 @@ class RtmpConnection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.client = "?"
+        self.host = "?"
         self.accepted_at = time.monotonic()
         self.last_activity = self.accepted_at
         self.connected = False
@@ -71,7 +72,14 @@ class RtmpConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             host = peer[0]
+            self.host = host
             self.client = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        refusal = self.server.admit(self)
+        if refusal:
+            self.closed = True
+            event(log, logging.WARNING, "connection refused", client=self.client, reason=refusal)
+            transport.close()
+            return
         self.server.connections.add(self)
         event(log, logging.DEBUG, "connection accepted", client=self.client)
 
@@ -287,13 +295,28 @@ class RtmpConnection(asyncio.Protocol):
 
 
 class RtmpServer:
-    def __init__(self, config: RtmpConfig, streams: Streams, auth: PublishAuth) -> None:
+    def __init__(
+        self, config: RtmpConfig, streams: Streams, auth: PublishAuth, limits: LimitsConfig | None = None
+    ) -> None:
         self.config = config
         self.streams = streams
         self.auth = auth
+        self.limits = limits or LimitsConfig()
         self.connections: set[RtmpConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
+
+    def admit(self, connection: RtmpConnection) -> str:
+        """Why `connection` may not be served (a limit), or "" when it may."""
+        if len(self.connections) >= self.limits.max_connections:
+            return f"connection limit of {self.limits.max_connections} reached"
+        same = sum(1 for c in self.connections if c.host == connection.host)
+        if same >= self.limits.max_connections_per_client:
+            return (
+                f"limit of {self.limits.max_connections_per_client} connections "
+                f"per client address reached for {connection.host}"
+            )
+        return ""
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
