@@ -62,6 +62,18 @@ class StreamKey(_Section):
     key: str
 
 
+class PreviewsConfig(_Section):
+    thumbnail_interval: float = 5.0
+    """Seconds between thumbnails (from the next keyframe); 0 turns them off."""
+    thumbnail_width: int = 320
+    levels_interval: float = 2.0
+    """Seconds between audio-level measurements; 0 turns them off."""
+    levels_window: float = 0.5
+    """Seconds of audio each measurement decodes."""
+    workers: int = 2
+    """Threads decoding thumbnails and audio, off the event loop."""
+
+
 class PublishConfig(_Section):
     on_conflict: Literal["refuse", "replace"] = "refuse"
     """What a second publisher on a live name gets: refused (nginx-rtmp's default),
@@ -113,6 +125,7 @@ class Config(_Section):
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     hls: HlsConfig = msgspec.field(default_factory=HlsConfig)
     publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
+    previews: PreviewsConfig = msgspec.field(default_factory=PreviewsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     relup: RelupConfig = msgspec.field(default_factory=RelupConfig)
@@ -153,6 +166,11 @@ def _check_ranges(config: Config, path: str | Path) -> None:
         ("limits.max_streams", config.limits.max_streams, config.limits.max_streams >= 1),
         ("limits.http_max_header_bytes", config.limits.http_max_header_bytes, 256 <= config.limits.http_max_header_bytes <= 65536),
         ("limits.http_max_headers", config.limits.http_max_headers, 1 <= config.limits.http_max_headers <= 1000),
+        ("previews.thumbnail_interval", config.previews.thumbnail_interval, config.previews.thumbnail_interval >= 0),
+        ("previews.thumbnail_width", config.previews.thumbnail_width, 16 <= config.previews.thumbnail_width <= 1920),
+        ("previews.levels_interval", config.previews.levels_interval, config.previews.levels_interval >= 0),
+        ("previews.levels_window", config.previews.levels_window, 0.05 <= config.previews.levels_window <= 10),
+        ("previews.workers", config.previews.workers, 1 <= config.previews.workers <= 16),
         ("supervisor.max_restarts", config.supervisor.max_restarts, config.supervisor.max_restarts >= 0),
         ("supervisor.restart_window", config.supervisor.restart_window, config.supervisor.restart_window > 0),
         ("relup.auto_revert_crashes", config.relup.auto_revert_crashes, config.relup.auto_revert_crashes >= 1),

@@ -29,7 +29,7 @@ async def serve(config: Config) -> int:
     auth = PublishAuth(config.publish)
     rtmp_server = RtmpServer(config.rtmp, streams, auth, config.limits)
     metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
-    http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits)
+    http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits, streams)
     await rtmp_server.start()
     await http_server.start()
     metrics.start()

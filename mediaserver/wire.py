@@ -81,12 +81,20 @@ Message = Metadata | VideoConfig | AudioConfig | Video | Audio | End | Tick
 #   (SEGMENT_END, sequence, duration_ms)
 #   (STREAM_END,)                          the playlist gets EXT-X-ENDLIST
 #   (LOG, level, text)                     a line for the operator, with the stream's name
+#   (THUMBNAIL, dts_ms, keyframe_payload)  decode this keyframe into the stream's thumbnail
+#   (LEVELS_FRAME, dts_ms, payload)        an AAC frame of the current audio-level window
+#   (LEVELS_END, dts_ms)                   the window is complete: measure it
 CODEC: Final = "codec"
 SEGMENT_START: Final = "segment_start"
 PACKET: Final = "packet"
 SEGMENT_END: Final = "segment_end"
 STREAM_END: Final = "stream_end"
 LOG: Final = "log"
+THUMBNAIL: Final = "thumbnail"
+LEVELS_FRAME: Final = "levels_frame"
+LEVELS_END: Final = "levels_end"
 
-EFFECT_OPCODES: Final = frozenset({CODEC, SEGMENT_START, PACKET, SEGMENT_END, STREAM_END, LOG})
+EFFECT_OPCODES: Final = frozenset(
+    {CODEC, SEGMENT_START, PACKET, SEGMENT_END, STREAM_END, LOG, THUMBNAIL, LEVELS_FRAME, LEVELS_END}
+)
 TRACKS: Final = frozenset({"video", "audio"})

@@ -73,7 +73,7 @@ def test_every_frame_is_written_once_in_order():
 def test_first_segment_waits_for_a_keyframe():
     messages = [wire.VideoConfig(AVCC), wire.Video(0, 0, False, b"x"), wire.Video(33, 0, True, b"k")]
     state, effects = feed(init("s", 0.0, SETTINGS), messages)
-    assert [e[0] for e in effects] == ["codec", "segment_start", "packet"]
+    assert [e[0] for e in effects] == ["codec", "segment_start", "packet", "thumbnail"]
     assert state.health.dropped_frames == 1
 
 
@@ -144,3 +144,28 @@ def test_audio_before_the_first_keyframe_is_kept():
     assert packets == [("audio", b"a0"), ("video", b"k"), ("audio", b"a1")]
     assert ops(effects, "segment_start") == [("segment_start", 0, False)]
     assert state.health.dropped_frames == 1
+
+
+def test_thumbnails_come_from_keyframes_once_per_interval():
+    settings = {**SETTINGS, "thumbnail_interval_ms": 2500}
+    _, effects = feed(init("s", 0.0, settings), av_stream(7))
+    thumbs = ops(effects, "thumbnail")
+    assert [t[1] for t in thumbs] == [0, 3000, 6000]
+    assert all(bytes(t[2]).startswith(b"v") for t in thumbs)
+
+
+def test_levels_windows_are_bounded_and_periodic():
+    settings = {**SETTINGS, "levels_interval_ms": 2000, "levels_window_ms": 500}
+    _, effects = feed(init("s", 0.0, settings), av_stream(5))
+    ends = [e[1] for e in ops(effects, "levels_end")]
+    frames = len(ops(effects, "levels_frame"))
+    # Windows open on the first audio frame at or after 0, 2000, 4000 ms and
+    # close on the first frame at or after 500 ms later (frames are ~21.3 ms).
+    assert ends == [512, 2517, 4523]
+    assert frames == 3 * 24
+
+
+def test_previews_can_be_turned_off():
+    settings = {**SETTINGS, "thumbnail_interval_ms": 0, "levels_interval_ms": 0}
+    _, effects = feed(init("s", 0.0, settings), av_stream(3))
+    assert not ops(effects, "thumbnail") and not ops(effects, "levels_frame")

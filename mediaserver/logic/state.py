@@ -43,6 +43,21 @@ class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     or a track whose codec config had not arrived."""
 
 
+class Previews(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """When the next thumbnail and audio-level window are due (output dts, ms)."""
+
+    thumbnail_interval_ms: int = 5000
+    """0 turns thumbnails off."""
+    levels_interval_ms: int = 2000
+    """0 turns audio levels off."""
+    levels_window_ms: int = 500
+    next_thumbnail: int = -1
+    """-1: the next keyframe makes one."""
+    next_levels: int = -1
+    levels_until: int = -1
+    """End of the window being measured; -1 when none is."""
+
+
 class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     version: int = STATE_VERSION
     name: str
@@ -65,4 +80,5 @@ class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     video: TrackClock = msgspec.field(default_factory=TrackClock)
     audio: TrackClock = msgspec.field(default_factory=TrackClock)
     health: Health = msgspec.field(default_factory=Health)
+    previews: Previews = msgspec.field(default_factory=Previews)
     ended: bool = False

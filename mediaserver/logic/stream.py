@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import segments, timestamps
+from . import previews, segments, timestamps
 from .effects import CODEC, LOG, PACKET, SEGMENT_END, SEGMENT_START, STREAM_END
 from .state import Health, StreamState
 
@@ -27,6 +27,7 @@ def init(name: str, now: float, settings: dict[str, Any]) -> StreamState:
         timestamp_jump_ms=int(settings["timestamp_jump_ms"]),
         sequence=int(settings.get("first_sequence", 0)),
         discontinuity_next=bool(settings.get("discontinuity", False)),
+        previews=previews.settings(settings),
     )
 
 
@@ -104,6 +105,12 @@ def _media(
         return new, effects
 
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
+    if track == "video":
+        new.previews, more = previews.on_video(new.previews, dts, keyframe, data)
+    else:
+        new.previews, more = previews.on_audio(new.previews, dts, data)
+    if more:
+        effects.extend(more)
     return new, effects
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from .. import wire
 from ..hls.segmenter import HlsWriter
+from ..media.previews import StreamPreviews
 from ..logsetup import event
 
 log = logging.getLogger("mediaserver.effects")
@@ -20,9 +21,10 @@ _LOGGED_FAILURES = 5
 
 
 class HlsEffects:
-    def __init__(self, name: str, writer: HlsWriter) -> None:
+    def __init__(self, name: str, writer: HlsWriter, previews: StreamPreviews | None = None) -> None:
         self.name = name
         self.writer = writer
+        self.previews = previews
         self.failures = 0
 
     def run(self, effects: list[tuple[Any, ...]]) -> None:
@@ -36,8 +38,19 @@ class HlsEffects:
                     writer.start_segment(effect[1], effect[2])
                 elif op == wire.SEGMENT_END:
                     writer.end_segment(effect[1], effect[2])
+                elif op == wire.LEVELS_FRAME:
+                    if self.previews is not None:
+                        self.previews.add_levels_frame(effect[1], effect[2])
                 elif op == wire.CODEC:
                     writer.set_codec(effect[1], effect[2])
+                    if self.previews is not None:
+                        self.previews.set_codec(effect[1], effect[2])
+                elif op == wire.THUMBNAIL:
+                    if self.previews is not None:
+                        self.previews.request_thumbnail(effect[1], effect[2])
+                elif op == wire.LEVELS_END:
+                    if self.previews is not None:
+                        self.previews.end_levels_window(effect[1])
                 elif op == wire.STREAM_END:
                     writer.end_stream()
                 elif op == wire.LOG:

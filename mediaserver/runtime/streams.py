@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 from .. import wire
 from ..config import Config
 from ..hls.segmenter import HlsWriter
+from ..media.previews import PreviewPool, StreamPreviews
 from ..logsetup import event
 from .dead_letters import DeadLetters
 from .effects import HlsEffects
@@ -53,6 +54,8 @@ class Streams:
         self.hls_root = Path(config.data_dir) / "hls"
         self.live: dict[str, LiveStream] = {}
         self.writers: dict[str, HlsWriter] = {}
+        self.previews: dict[str, StreamPreviews] = {}
+        self.preview_pool = PreviewPool(config.previews.workers)
         self.dead_letters = DeadLetters(Path(config.data_dir) / "dead-letters")
         self.crash_listeners: list[Callable[[Session], None]] = []
         self.sessions_started = 0
@@ -83,7 +86,15 @@ class Streams:
                 playlist_size=self.config.hls.playlist_size,
                 segment_target=self.config.hls.segment_target,
             )
+        previews = self.previews.get(name)
+        if previews is None:
+            previews = self.previews[name] = StreamPreviews(
+                name, self.preview_pool, self.config.previews.thumbnail_width
+            )
         settings = {
+            "thumbnail_interval_ms": round(self.config.previews.thumbnail_interval * 1000),
+            "levels_interval_ms": round(self.config.previews.levels_interval * 1000),
+            "levels_window_ms": round(self.config.previews.levels_window * 1000),
             "segment_target_ms": round(self.config.hls.segment_target * 1000),
             "timestamp_jump_ms": round(self.config.hls.timestamp_jump * 1000),
             "first_sequence": writer.next_sequence,
@@ -94,7 +105,7 @@ class Streams:
             name=name,
             generation=generation,
             state=generation.init(name, time.time(), settings),
-            effects=HlsEffects(name, writer),
+            effects=HlsEffects(name, writer, previews),
             mailbox_limit=self.config.rtmp.mailbox_limit,
             on_backpressure=on_backpressure,
             supervisor=self,
@@ -168,3 +179,4 @@ class Streams:
             live.publisher.disconnect(reason)
         for writer in self.writers.values():
             writer.close()
+        self.preview_pool.close()

@@ -8,6 +8,7 @@ stream's directory.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,24 @@ CORS = {
 
 class HttpServer:
     def __init__(
-        self, config: HttpConfig, hls_root: Path, metrics: Any = None, limits: LimitsConfig | None = None
+        self,
+        config: HttpConfig,
+        hls_root: Path,
+        metrics: Any = None,
+        limits: LimitsConfig | None = None,
+        streams: Any = None,
     ) -> None:
         self.config = config
+        self.streams = streams
         self.limits = limits or LimitsConfig()
         self.hls_root = hls_root
         self.metrics = metrics
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_page)
+        self.app.router.add_get("/live/{name}/thumbnail.jpg", self.thumbnail)
+        self.app.router.add_get("/live/{name}/status.json", self.stream_status)
+        self.app.router.add_get("/status.json", self.all_status)
         self.app.router.add_get("/live/{name}/{file}", self.hls_file)
         self.app.router.add_route("OPTIONS", "/live/{name}/{file}", self.preflight)
         self._runner: web.AppRunner | None = None
@@ -66,6 +76,54 @@ class HttpServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n", headers={"Cache-Control": "no-cache"})
+
+    def _stream_info(self, name: str) -> dict[str, Any] | None:
+        streams = self.streams
+        if streams is None or name not in streams.writers:
+            return None
+        live = streams.live.get(name)
+        previews = streams.previews.get(name)
+        rates = self.metrics.rates.rates(name) if self.metrics is not None and live else (0.0, 0.0)
+        writer = streams.writers[name]
+        return {
+            "name": name,
+            "live": live is not None,
+            "uptime": round(time.monotonic() - live.session.started, 1) if live else 0.0,
+            "bitrate_bps": round(rates[0]),
+            "fps": round(rates[1], 2),
+            "segments": writer.segments_written,
+            "playlist": f"/live/{name}/index.m3u8",
+            "thumbnail": f"/live/{name}/thumbnail.jpg" if previews and previews.thumbnail else None,
+            "levels": previews.levels if previews else [],
+            "levels_window_dts": list(previews.levels_window) if previews else None,
+            "levels_age": round(time.time() - previews.levels_at, 1) if previews and previews.levels_at else None,
+        }
+
+    async def stream_status(self, request: web.Request) -> web.Response:
+        info = self._stream_info(request.match_info["name"])
+        if info is None:
+            raise web.HTTPNotFound(text=f"unknown stream {request.match_info['name']!r}\n", headers=CORS)
+        return web.json_response(info, headers={**CORS, "Cache-Control": "no-cache"})
+
+    async def all_status(self, request: web.Request) -> web.Response:
+        names = sorted(self.streams.live) if self.streams is not None else []
+        body = {"streams": [self._stream_info(name) for name in names]}
+        return web.json_response(body, headers={**CORS, "Cache-Control": "no-cache"})
+
+    async def thumbnail(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        previews = self.streams.previews.get(name) if self.streams is not None else None
+        if previews is None or previews.thumbnail is None:
+            raise web.HTTPNotFound(text=f"no thumbnail for stream {name!r} yet\n", headers=CORS)
+        return web.Response(
+            body=previews.thumbnail,
+            headers={
+                **CORS,
+                "Content-Type": "image/jpeg",
+                "Cache-Control": "no-cache",
+                "X-Frame-Dts": str(previews.thumbnail_dts),
+            },
+        )
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         if self.metrics is None:

@@ -1,0 +1,1 @@
+"""Media work beyond muxing: thumbnails and audio levels (PyAV, numpy)."""
