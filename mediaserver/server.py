@@ -25,6 +25,7 @@ async def serve(config: Config) -> int:
     (data_dir / "hls").mkdir(parents=True, exist_ok=True)
     generation = load_generation(installed_logic_dir())
     streams = Streams(config, generation)
+    streams.recover()
     code_server = CodeServer(config.relup, streams, generation)
     auth = PublishAuth(config.publish)
     rtmp_server = RtmpServer(config.rtmp, streams, auth, config.limits)

@@ -81,3 +81,18 @@ def test_target_duration_covers_every_segment():
 def test_aac_config_parse():
     assert aac_rate_and_channels(b"\x11\x90") == (48000, 2)
     assert aac_rate_and_channels(b"\x12\x08") == (44100, 1)
+
+
+def test_target_duration_never_goes_down(tmp_path, clip):
+    video, _, packets = clip
+    writer = HlsWriter(tmp_path, playlist_size=2, segment_target=2.0)
+    writer.set_codec("video", video)
+    key = next(p for p in packets if p[0] == "video" and p[3])
+    targets = []
+    for seq, duration in enumerate([2000, 4400, 2000, 2000, 2000]):
+        writer.start_segment(seq, False)
+        writer.write("video", key[1] + seq * 5000, key[2] + seq * 5000, True, key[4])
+        writer.end_segment(seq, duration)
+        targets.append(m3u8.loads((tmp_path / "index.m3u8").read_text()).target_duration)
+    # The 4.4 s segment has left the window by the end, but the target stays.
+    assert targets == [2, 4, 4, 4, 4]

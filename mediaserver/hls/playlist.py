@@ -60,3 +60,38 @@ def write_atomically(path: Path, text: str) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+@dataclass(slots=True)
+class ParsedPlaylist:
+    entries: list[SegmentEntry]
+    target: int
+    discontinuity_sequence: int
+    ended: bool
+
+
+def parse(text: str) -> ParsedPlaylist:
+    """Read back a playlist this module wrote (after a restart)."""
+    entries: list[SegmentEntry] = []
+    sequence = target = discontinuity_sequence = 0
+    duration = 0.0
+    discontinuity = ended = False
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("#EXT-X-MEDIA-SEQUENCE:"):
+            sequence = int(line.split(":", 1)[1])
+        elif line.startswith("#EXT-X-TARGETDURATION:"):
+            target = int(line.split(":", 1)[1])
+        elif line.startswith("#EXT-X-DISCONTINUITY-SEQUENCE:"):
+            discontinuity_sequence = int(line.split(":", 1)[1])
+        elif line == "#EXT-X-DISCONTINUITY":
+            discontinuity = True
+        elif line.startswith("#EXTINF:"):
+            duration = float(line.split(":", 1)[1].split(",", 1)[0])
+        elif line == "#EXT-X-ENDLIST":
+            ended = True
+        elif line and not line.startswith("#"):
+            entries.append(SegmentEntry(sequence, line, duration, discontinuity))
+            sequence += 1
+            discontinuity = False
+    return ParsedPlaylist(entries, target, discontinuity_sequence, ended)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import av
 
-from .playlist import SegmentEntry, render, target_duration, write_atomically
+from .playlist import SegmentEntry, parse, render, target_duration, write_atomically
 
 log = logging.getLogger("mediaserver.hls")
 
@@ -57,7 +57,31 @@ class HlsWriter:
         self._open_path: Path | None = None
         self._open_first_dts: int | None = None
         self._open_last_dts = 0
+        self.target = 0
+        """EXT-X-TARGETDURATION never goes down (RFC 8216 wants it constant; it can
+        only grow when a GOP is longer than every segment before it)."""
         directory.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    def _recover(self) -> None:
+        """Continue the playlist a previous server process left (media sequence
+        never goes back), and end it if that process died while live."""
+        try:
+            text = self.playlist_path.read_text(encoding="utf-8")
+        except (FileNotFoundError, UnicodeDecodeError):
+            return
+        try:
+            previous = parse(text)
+        except ValueError:
+            return
+        self.entries = previous.entries[-self.playlist_size :]
+        self.discontinuity_sequence = previous.discontinuity_sequence
+        self.target = previous.target
+        if previous.entries:
+            self.next_sequence = previous.entries[-1].sequence + 1
+        self.ended = True
+        if not previous.ended:
+            self._write_playlist()
 
     # -- effects -------------------------------------------------------------
 
@@ -180,9 +204,10 @@ class HlsWriter:
                 pass
 
     def _write_playlist(self) -> None:
+        self.target = max(self.target, target_duration(self.entries, self.segment_target))
         text = render(
             self.entries,
-            target=target_duration(self.entries, self.segment_target),
+            target=self.target,
             discontinuity_sequence=self.discontinuity_sequence,
             ended=self.ended,
         )

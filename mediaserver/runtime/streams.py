@@ -79,7 +79,6 @@ class Streams:
             self.unpublish(name, current.session, f"replaced by a new publisher from {publisher.client}")
             current.publisher.disconnect(f"replaced by a new publisher from {publisher.client}")
         writer = self.writers.get(name)
-        republish = writer is not None
         if writer is None:
             writer = self.writers[name] = HlsWriter(
                 self.hls_root / name,
@@ -98,7 +97,7 @@ class Streams:
             "segment_target_ms": round(self.config.hls.segment_target * 1000),
             "timestamp_jump_ms": round(self.config.hls.timestamp_jump * 1000),
             "first_sequence": writer.next_sequence,
-            "discontinuity": republish and bool(writer.entries),
+            "discontinuity": bool(writer.entries),
         }
         generation = self.generation
         session = Session(
@@ -117,6 +116,18 @@ class Streams:
         self.live[name] = LiveStream(name, session, publisher)
         event(log, logging.INFO, "publish started", stream=name, client=publisher.client)
         return session
+
+    def recover(self) -> None:
+        """Pick up the playlists a previous process left, ending any it left live."""
+        if not self.hls_root.is_dir():
+            return
+        for directory in sorted(self.hls_root.iterdir()):
+            if directory.is_dir() and (directory / "index.m3u8").is_file() and directory.name not in self.writers:
+                self.writers[directory.name] = HlsWriter(
+                    directory,
+                    playlist_size=self.config.hls.playlist_size,
+                    segment_target=self.config.hls.segment_target,
+                )
 
     def sessions(self) -> list[Session]:
         return [live.session for live in self.live.values()]
