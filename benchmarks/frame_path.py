@@ -54,11 +54,10 @@ def rtmp_bytes(clip: str) -> tuple[bytes, int, float]:
     return data[hello:], count, last / 1000.0
 
 
-def run(data: bytes, out_dir: Path) -> None:
+def run(data: bytes, out_dir: Path, generation) -> None:
     server = rtmp.ServerConnection()
     server._hs_stage = 2  # noqa: SLF001 - skip the handshake, measure the frame path
     server.connected = True
-    generation = load_generation(installed_logic_dir())
     writer = HlsWriter(out_dir, playlist_size=6, segment_target=2.0)
     effects = HlsEffects("bench", writer)
     state = generation.init("bench", 0.0, {"segment_target_ms": 2000, "timestamp_jump_ms": 10000})
@@ -89,13 +88,14 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     data, packets, seconds = rtmp_bytes(args.clip)
+    generation = load_generation(installed_logic_dir())
     with tempfile.TemporaryDirectory() as tmp:
         start = time.process_time()
         if args.profile:
             profiler = cProfile.Profile()
-            profiler.runcall(run, data, Path(tmp))
+            profiler.runcall(run, data, Path(tmp), generation)
         else:
-            run(data, Path(tmp))
+            run(data, Path(tmp), generation)
         cpu = time.process_time() - start
     print(f"clip: {packets} packets, {seconds:.1f} s, {len(data) / seconds * 8 / 1e6:.2f} Mbit/s")
     print(f"frame path CPU: {cpu * 1e6 / packets:.1f} µs/packet, "

@@ -109,6 +109,8 @@ class _Connection:
     def data_to_send(self) -> bytes:
         if self._writer.out:
             self._pending += self._writer.take()
+        if not self._pending:
+            return b""
         data = bytes(self._pending)
         self._pending.clear()
         return data
