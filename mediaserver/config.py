@@ -6,11 +6,12 @@ An unknown key or a wrong type is a `ConfigError` that names the key.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+
+from .tomlfile import read_toml
 
 
 class ConfigError(Exception):
@@ -135,17 +136,7 @@ def load_config(path: str | Path | None) -> Config:
     """Read `path` (TOML) into a `Config`; None gives the embedded defaults."""
     if path is None:
         return Config()
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    try:
-        config = msgspec.convert(raw, Config)
-    except msgspec.ValidationError as exc:
-        # msgspec says e.g. "Object contains unknown field `prot` - at `$.rtmp`".
-        raise ConfigError(f"config file {path}: {exc}") from None
+    config = read_toml(path, Config, ConfigError)
     _check_ranges(config, path)
     return config
 

@@ -21,11 +21,12 @@ is loaded first, so `load_logic` must come before `update_sessions`.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Literal
 
 import msgspec
+
+from ..tomlfile import read_toml
 
 VERSION_PATTERN = re.compile(r"[0-9]+(\.[0-9]+){1,3}")
 
@@ -63,16 +64,7 @@ class RelupSpec(msgspec.Struct, forbid_unknown_fields=True, rename={"from_versio
 
 
 def read_spec(path: Path) -> RelupSpec:
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise RelupSpecError(f"cannot read {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RelupSpecError(f"{path} is not valid TOML: {exc}") from None
-    try:
-        spec = msgspec.convert(raw, RelupSpec)
-    except msgspec.ValidationError as exc:
-        raise RelupSpecError(f"{path}: {exc}") from None
+    spec = read_toml(path, RelupSpec, RelupSpecError)
     for key, value in (("from", spec.from_version), ("to", spec.to_version)):
         if not VERSION_PATTERN.fullmatch(value):
             raise RelupSpecError(f"{path}: `{key}` = {value!r} is not a version like 1.2.0")
