@@ -28,6 +28,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="override log_level"
     )
+
+    def admin_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--config", metavar="FILE", help="the server's TOML config (admin address, data_dir)")
+        command.add_argument("--admin", metavar="URL", help="admin API base URL, e.g. http://127.0.0.1:8081")
+        command.add_argument("--token", help="admin bearer token (default: config, then data_dir/admin.token)")
+        command.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+    status = commands.add_parser(
+        "status", help="show version, generations, sessions and relup history",
+        description="Ask the running server's admin API for its version, loaded generations, "
+        "sessions and relup history.",
+    )
+    admin_options(status)
+    relup = commands.add_parser(
+        "relup", help="apply or revert a relup on the running server",
+        description="Upgrade the running server's session logic in place, or revert the last upgrade.",
+    )
+    relup_commands = relup.add_subparsers(dest="relup_command", required=True, metavar="ACTION")
+    apply = relup_commands.add_parser(
+        "apply", help="apply a relup package (default: the one upgrading from the running version)",
+        description="Apply a relup package from the server's relups directory. PATH is a package "
+        "name (1.1.0) or a path inside that directory; without it, the package whose `from` is the "
+        "running version. --dry-run runs the whole preflight on copies of the live state and changes nothing.",
+    )
+    apply.add_argument("path", nargs="?", metavar="PATH")
+    apply.add_argument("--dry-run", action="store_true", help="preflight only; change nothing")
+    admin_options(apply)
+    revert = relup_commands.add_parser(
+        "revert", help="go back to the previous generation",
+        description="Revert the last applied relup: every session moves back to the previous "
+        "generation (kept in memory) through the down migrations.",
+    )
+    admin_options(revert)
     return parser
 
 
@@ -35,7 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return 2
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mediaserver: {exc}", file=sys.stderr)
+        return 2
+    from . import admin_client
+
+    if args.command == "status":
+        return admin_client.run("status", config, args)
+    return admin_client.run(args.relup_command, config, args)
 
 
 def _serve(args: argparse.Namespace) -> int:

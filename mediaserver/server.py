@@ -7,6 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
+from .admin_token import load_or_create_token
 from .auth import PublishAuth
 from .config import Config
 from .logsetup import event
@@ -14,6 +15,7 @@ from .metrics import ServerMetrics
 from .runtime.generation import installed_logic_dir, load_generation
 from .runtime.relup import CodeServer
 from .runtime.streams import Streams
+from .transport.admin_server import AdminServer
 from .transport.http_server import HttpServer
 from .transport.rtmp_server import RtmpServer
 
@@ -31,15 +33,19 @@ async def serve(config: Config) -> int:
     rtmp_server = RtmpServer(config.rtmp, streams, auth, config.limits)
     metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
     http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits, streams)
+    admin_server = AdminServer(config.admin, code_server, load_or_create_token(config))
     await rtmp_server.start()
     await http_server.start()
     metrics.start()
+    await admin_server.start()
     event(
         log, logging.INFO, "mediaserver started",
         version=generation.version,
         rtmp=" ".join(f"{h}:{p}" for h, p in rtmp_server.addresses),
         http=" ".join(f"{h}:{p}" for h, p in http_server.addresses),
+        admin=" ".join(f"{h}:{p}" for h, p in admin_server.addresses),
         data_dir=str(data_dir.resolve()),
+        relups=str(Path(config.relup.directory).resolve()),
     )
 
     stop = asyncio.Event()
@@ -52,6 +58,7 @@ async def serve(config: Config) -> int:
     rtmp_server.stop_accepting()
     streams.shutdown("server shutting down")
     await rtmp_server.close("server shutting down")
+    await admin_server.close()
     metrics.stop()
     await auth.close()
     await http_server.close()

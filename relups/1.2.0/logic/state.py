@@ -1,0 +1,117 @@
+"""The per-stream session state: small, versioned, plain data.
+
+Media buffers are not state: the runtime owns them. What is here migrates in
+microseconds and serialises with `msgspec.to_builtins`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+STATE_VERSION = 3
+
+
+class TrackClock(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Turns one track's raw 32-bit RTMP timestamps into a continuous output timeline."""
+
+    last_raw: int = -1
+    """Last raw timestamp seen, -1 before the first one."""
+    unwrapped: int = 0
+    """Last raw timestamp with its wraps undone."""
+    offset: int = 0
+    """Added to `unwrapped` to give the output dts; moves only when the publisher jumps."""
+    last_dts: int = -1
+    """Last output dts in ms, -1 before the first frame."""
+    last_duration: int = 0
+    """Step between the last two output dts, used to continue across a jump."""
+
+
+class FrameCounts(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    video: int = 0
+    audio: int = 0
+    keyframes: int = 0
+
+
+class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    frames: FrameCounts = msgspec.field(default_factory=FrameCounts)
+    """Frames received per kind (1.2.0 groups what 1.1.0 kept as three fields)."""
+    bytes_in: int = 0
+    segments: int = 0
+    timestamp_jumps: int = 0
+    """Publisher timestamp steps beyond the jump threshold, absorbed into the timeline."""
+    timestamp_fixes: int = 0
+    """Small backward steps raised to keep each track's dts strictly increasing."""
+    dropped_frames: int = 0
+    """Frames that could not start a segment: video before the first keyframe,
+    or a track whose codec config had not arrived."""
+
+
+class Previews(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """When the next thumbnail and audio-level window are due (output dts, ms)."""
+
+    thumbnail_interval_ms: int = 5000
+    """0 turns thumbnails off."""
+    levels_interval_ms: int = 2000
+    """0 turns audio levels off."""
+    levels_window_ms: int = 500
+    next_thumbnail: int = -1
+    """-1: the next keyframe makes one."""
+    next_levels: int = -1
+    levels_until: int = -1
+    """End of the window being measured; -1 when none is."""
+
+
+class Window(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    start_ms: int = -1
+    """Output dts where the current window began; -1 before the first frame."""
+    bytes: int = 0
+    video_frames: int = 0
+
+
+class Rates(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    bitrate_bps: int = 0
+    fps: float = 0.0
+
+
+class Throughput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Bitrate and frame rate over one-second windows of the stream's own timeline."""
+
+    window: Window = msgspec.field(default_factory=Window)
+    last: Rates = msgspec.field(default_factory=Rates)
+    """Of the last complete window."""
+
+
+class KeyframeClock(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    last_dts: int = -1
+    interval_ms: int = 0
+    """Between the last two keyframes: the publisher's GOP as received."""
+
+
+class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    version: int = STATE_VERSION
+    name: str
+    started_at: float
+    segment_target_ms: int
+    timestamp_jump_ms: int
+    sequence: int
+    """Media sequence number of the open segment, or of the next one when none is open."""
+    segment_open: bool = False
+    segment_start: int = 0
+    """Output dts (ms) of the first frame of the open segment."""
+    segment_tracks: list[str] = []
+    """Tracks the open segment was created with."""
+    discontinuity_next: bool = False
+    cut_pending: bool = False
+    """A codec config changed or a track appeared: cut at the next chance."""
+    video_config: bytes | None = None
+    audio_config: bytes | None = None
+    metadata: dict[str, Any] = {}
+    video: TrackClock = msgspec.field(default_factory=TrackClock)
+    audio: TrackClock = msgspec.field(default_factory=TrackClock)
+    health: Health = msgspec.field(default_factory=Health)
+    previews: Previews = msgspec.field(default_factory=Previews)
+    throughput: Throughput = msgspec.field(default_factory=Throughput)
+    keyframe_clock: KeyframeClock = msgspec.field(default_factory=KeyframeClock)
+    ended: bool = False
