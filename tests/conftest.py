@@ -190,11 +190,14 @@ class ServerProcess:
         return [line for line in self.log_text().splitlines() if rx.search(line)]
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> list[str]:
+        """The log lines matching `pattern`; fails the test if none appear in time."""
         deadline = time.monotonic() + timeout
         while True:
             found = self.log_lines(pattern)
-            if found or time.monotonic() > deadline:
+            if found:
                 return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line matching {pattern!r} within {timeout}s:\n{self.log_tail()}")
             time.sleep(0.05)
 
     def rss_kb(self) -> int:
