@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from pathlib import Path
@@ -47,6 +48,11 @@ async def serve(config: Config) -> int:
         data_dir=str(data_dir.resolve()),
         relups=str(Path(config.relup.directory).resolve()),
     )
+
+    # Everything loaded so far lives as long as the process: keep it out of the
+    # cyclic collector's full passes, which would otherwise stall the loop.
+    gc.collect()
+    gc.freeze()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

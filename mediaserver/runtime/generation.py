@@ -15,6 +15,7 @@ import asyncio
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import itertools
 import linecache
 import sys
@@ -113,6 +114,7 @@ class _Prepared:
     package_name: str
     source_dir: Path
     sources: dict[str, _Source] = field(default_factory=dict)
+    result: Generation | None = None
 
 
 def _prepare(source_dir: Path, extra_modules: dict[str, Path], prepared: _Prepared) -> Iterator[None]:
@@ -127,6 +129,7 @@ def _prepare(source_dir: Path, extra_modules: dict[str, Path], prepared: _Prepar
         violations = check_source(text, str(path))
         if violations:
             raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
+        yield
         is_package = relative == "__init__" or relative.endswith(".__init__")
         dotted = relative.removesuffix("__init__").rstrip(".")
         fullname = f"{prepared.package_name}.{dotted}" if dotted else prepared.package_name
@@ -142,14 +145,25 @@ def _prepare(source_dir: Path, extra_modules: dict[str, Path], prepared: _Prepar
         yield
 
 
-def _activate(prepared: _Prepared) -> Generation:
+def _activate(prepared: _Prepared) -> Iterator[None]:
+    """Execute the modules one per step: the package object is registered first,
+    unexecuted, so each submodule can be imported on its own; its __init__ runs last."""
     _install_finder()
     _finder.sources.update(prepared.sources)
-    package = importlib.import_module(prepared.package_name)
+    name = prepared.package_name
+    spec = importlib.util.spec_from_loader(name, _finder, origin=prepared.sources[name].filename, is_package=True)
+    assert spec is not None
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[name] = package
+    for module_name in prepared.sources:
+        if module_name != name and module_name not in sys.modules:
+            importlib.import_module(module_name)
+            yield
+    _finder.exec_module(package)
     missing = [name for name in REQUIRED_NAMES if not hasattr(package, name)]
     if missing:
         raise GenerationError(f"logic in {prepared.source_dir} lacks {', '.join(missing)}")
-    return Generation(
+    prepared.result = Generation(
         number=prepared.number,
         source_dir=prepared.source_dir,
         package_name=prepared.package_name,
@@ -194,7 +208,10 @@ def load_generation(source_dir: Path, extra_modules: dict[str, Path] | None = No
     try:
         for _ in _prepare(source_dir, extra_modules or {}, prepared):
             pass
-        return _activate(prepared)
+        for _ in _activate(prepared):
+            pass
+        assert prepared.result is not None
+        return prepared.result
     except BaseException as exc:  # user code can raise anything, even SystemExit
         raise _fail(prepared, exc) from None
 
@@ -207,7 +224,10 @@ async def load_generation_async(
     try:
         for _ in _prepare(source_dir, extra_modules or {}, prepared):
             await asyncio.sleep(0)
-        return _activate(prepared)
+        for _ in _activate(prepared):
+            await asyncio.sleep(0)
+        assert prepared.result is not None
+        return prepared.result
     except BaseException as exc:
         if isinstance(exc, asyncio.CancelledError):
             _discard(prepared)

@@ -15,7 +15,7 @@ still in memory, with the down migrations.
 from __future__ import annotations
 
 import asyncio
-import copy
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from .streams import Streams
 
 log = logging.getLogger("mediaserver.relup")
 MIGRATIONS_MODULE = "_relup_migrations"
-PREFLIGHT_CHUNK = 25
+PREFLIGHT_CHUNK = 10
 """Sessions checked per event-loop turn during preflight."""
 
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
@@ -240,7 +240,20 @@ class CodeServer:
     def _switch(
         self, generation: Generation, up: Migration, down: Migration, expected: Generation
     ) -> tuple[float, int]:
-        """Migrate every live state and pin every session, synchronously; all or nothing."""
+        """Migrate every live state and pin every session, synchronously; all or nothing.
+
+        The cyclic collector is held off for the pass (it is the one stretch that
+        must not be interrupted); it runs again at its next natural trigger.
+        """
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._switch_all(generation, up, expected)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _switch_all(self, generation: Generation, up: Migration, expected: Generation) -> tuple[float, int]:
         started = time.perf_counter()
         results: list[tuple[Session, Any]] = []
         errors: list[SessionError] = []
@@ -361,8 +374,8 @@ class _SwitchAborted(Exception):
 
 def _migrate(state: Any, migration: Migration, target: type) -> Any:
     """`migration` on the builtin form of `state`, validated strictly as `target`."""
-    builtins = msgspec.to_builtins(state)
-    result = migration(copy.deepcopy(builtins))
+    # to_builtins builds a fresh structure: the migration may change it freely.
+    result = migration(msgspec.to_builtins(state))
     if not isinstance(result, dict):
         raise TypeError(f"migration returned {type(result).__name__}, not dict")
     return msgspec.convert(result, target)
