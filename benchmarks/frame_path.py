@@ -57,7 +57,7 @@ def rtmp_bytes(clip: str) -> tuple[bytes, int, float]:
 def run(data: bytes, out_dir: Path, generation) -> None:
     server = rtmp.ServerConnection()
     server._hs_stage = 2  # noqa: SLF001 - skip the handshake, measure the frame path
-    server.connected = True
+    server.connected = server._connect_requested = True  # noqa: SLF001
     writer = HlsWriter(out_dir, playlist_size=6, segment_target=2.0)
     effects = HlsEffects("bench", writer)
     state = generation.init("bench", 0.0, {"segment_target_ms": 2000, "timestamp_jump_ms": 10000})

@@ -156,6 +156,8 @@ class ServerConnection(_Connection):
         self._own_window = window_ack_size
         self._acked = 0
         self.connected = False
+        """The caller accepted the connect."""
+        self._connect_requested = False
         self._next_stream_id = 1
         self._streams: set[int] = set()
         self._publishing: set[int] = set()
@@ -185,7 +187,7 @@ class ServerConnection(_Connection):
             return f"during the handshake ({len(self._hs)} of {_HANDSHAKE_C0C1} bytes of C0+C1)"
         if self._hs_stage == 1:
             return f"during the handshake ({len(self._hs)} of {handshake.SIZE} bytes of C2)"
-        if not self.connected:
+        if not self._connect_requested:
             return "before connect"
         if self._reader.buffered:
             return f"mid-message ({self._reader.buffered} bytes of unfinished chunks)"
@@ -236,8 +238,9 @@ class ServerConnection(_Connection):
         txid = values[1] if len(values) > 1 and isinstance(values[1], float) else 0.0
         args = values[3:]
         if name == "connect":
-            if self.connected:
+            if self._connect_requested:
                 raise ProtocolError("second connect on one connection")
+            self._connect_requested = True
             props = values[2] if len(values) > 2 and isinstance(values[2], dict) else {}
             self._connect_txid = txid
             encoding = props.get("objectEncoding", 0.0)
@@ -246,7 +249,9 @@ class ServerConnection(_Connection):
                 ConnectRequest(txid, str(props.get("app", "")), str(props.get("tcUrl", "")), props)
             )
             return
-        if not self.connected:
+        if not self._connect_requested:
+            # Clients may send the next commands before connect's answer: the
+            # caller rejecting the connect closes the connection anyway.
             raise ProtocolError(f"command {name!r} before connect")
         if name in ("releaseStream", "FCPublish"):
             if name == "FCPublish":
