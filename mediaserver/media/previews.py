@@ -4,6 +4,12 @@ One `StreamPreviews` per stream name (a runtime resource, like the HLS
 writer). Jobs run in a small shared thread pool (PyAV releases the GIL while
 decoding); at most one job of each kind per stream is in flight, so a slow
 machine skips thumbnails instead of queueing them.
+
+Thumbnails are made on demand: logic says when a keyframe is due (every few
+seconds), the keyframe is kept, and it is decoded only while someone is
+looking (a thumbnail request in the last `VIEWER_WINDOW` seconds), or on the
+request itself. Decoding a 1080p keyframe costs 5-20 ms of CPU; a stream
+nobody watches should not pay it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from .thumbnails import keyframe_to_jpeg
 
 log = logging.getLogger("mediaserver.previews")
 _MAX_WINDOW_FRAMES = 256
+VIEWER_WINDOW = 30.0
 
 
 class PreviewPool:
@@ -50,15 +57,36 @@ class StreamPreviews:
         self.levels_window: tuple[int, int] = (-1, -1)
         """Output dts of the first frame measured and of the frame that closed the window."""
         self._busy = {"thumbnail": False, "levels": False}
+        self._keyframe: tuple[int, bytes] | None = None
+        """The latest keyframe logic chose, not decoded yet."""
+        self._viewed_at = -VIEWER_WINDOW
+        self._waiters: list[asyncio.Future[None]] = []
 
     def set_codec(self, track: str, config: bytes) -> None:
         self.configs[track] = bytes(config)
 
     def request_thumbnail(self, dts: int, keyframe: Any) -> None:
+        self._keyframe = (dts, bytes(keyframe))
+        if time.monotonic() - self._viewed_at < VIEWER_WINDOW:
+            self._decode_pending()
+
+    def _decode_pending(self) -> bool:
         config = self.configs.get("video")
-        if config is None:
-            return
-        self._submit("thumbnail", self._thumbnail_done, dts, keyframe_to_jpeg, config, bytes(keyframe), self.thumbnail_width)
+        if self._keyframe is None or config is None or self._busy["thumbnail"]:
+            return self._busy["thumbnail"]
+        dts, keyframe = self._keyframe
+        self._keyframe = None
+        self._submit("thumbnail", self._thumbnail_done, dts, keyframe_to_jpeg, config, keyframe, self.thumbnail_width)
+        return True
+
+    async def current_thumbnail(self) -> bytes | None:
+        """The freshest thumbnail, decoding the pending keyframe first if there is one."""
+        self._viewed_at = time.monotonic()
+        if self._decode_pending():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        return self.thumbnail
 
     def add_levels_frame(self, dts: int, data: Any) -> None:
         if not self._window:
@@ -83,6 +111,11 @@ class StreamPreviews:
 
     def _finish(self, kind: str, done: Any, dts: Any, future: asyncio.Future[Any]) -> None:
         self._busy[kind] = False
+        if kind == "thumbnail":
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         if future.cancelled():
             return
         error = future.exception()
@@ -105,6 +138,11 @@ class StreamPreviews:
             self.levels_window = window
             self.levels_dts = window[1]
             self.levels_at = time.time()
+
+    @property
+    def has_thumbnail(self) -> bool:
+        """A thumbnail exists or can be made from a keyframe already kept."""
+        return self.thumbnail is not None or self._keyframe is not None
 
     def describe(self) -> dict[str, Any]:
         return {

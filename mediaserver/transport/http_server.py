@@ -93,7 +93,7 @@ class HttpServer:
             "fps": round(rates[1], 2),
             "segments": writer.segments_written,
             "playlist": f"/live/{name}/index.m3u8",
-            "thumbnail": f"/live/{name}/thumbnail.jpg" if previews and previews.thumbnail else None,
+            "thumbnail": f"/live/{name}/thumbnail.jpg" if previews and previews.has_thumbnail else None,
             "levels": previews.levels if previews else [],
             "levels_window_dts": list(previews.levels_window) if previews else None,
             "levels_age": round(time.time() - previews.levels_at, 1) if previews and previews.levels_at else None,
@@ -113,6 +113,8 @@ class HttpServer:
     async def thumbnail(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         previews = self.streams.previews.get(name) if self.streams is not None else None
+        if previews is not None:
+            await previews.current_thumbnail()
         if previews is None or previews.thumbnail is None:
             raise web.HTTPNotFound(text=f"no thumbnail for stream {name!r} yet\n", headers=CORS)
         return web.Response(
