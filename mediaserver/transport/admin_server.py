@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..config import AdminConfig
 from ..runtime.relup import CodeServer
+from . import static_files
 
 _json = msgspec.json.Encoder()
 
@@ -41,11 +42,15 @@ class AdminServer:
         self.app.router.add_get("/api/v1/relups", self.relups)
         self.app.router.add_post("/api/v1/relup", self.relup)
         self.app.router.add_post("/api/v1/revert", self.revert)
+        # The page carries no data; it asks for the token and calls the API with it.
+        static_files.add_routes(self.app, admin=True)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     @web.middleware
     async def _require_token(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "GET" and static_files.is_public_path(request.path):
+            return await handler(request)
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import HttpConfig, LimitsConfig
+from . import static_files
 from .rtmp_server import NAME_PATTERN
 
 SEGMENT_PATTERN = re.compile(r"seg[0-9]{1,20}\.ts")
@@ -44,6 +45,7 @@ class HttpServer:
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_page)
+        static_files.add_routes(self.app, admin=False)
         self.app.router.add_get("/live/{name}/thumbnail.jpg", self.thumbnail)
         self.app.router.add_get("/live/{name}/status.json", self.stream_status)
         self.app.router.add_get("/status.json", self.all_status)
