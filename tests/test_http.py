@@ -103,7 +103,8 @@ def test_segment_headers_and_body(live):
         "/live/",
         "/live",
         "/nosuchapp/x/index.m3u8",
-        "/",
+        "/static/nosuch.js",
+        "/static/../config.py",
     ],
 )
 def test_unknown_paths_404(live, path):

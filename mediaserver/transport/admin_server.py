@@ -16,6 +16,7 @@ from aiohttp import web
 from ..config import AdminConfig
 from ..runtime.relup import CodeServer
 from . import static_files
+from .listener import HttpListener
 
 _json = msgspec.json.Encoder()
 
@@ -44,8 +45,7 @@ class AdminServer:
         self.app.router.add_post("/api/v1/revert", self.revert)
         # The page carries no data; it asks for the token and calls the API with it.
         static_files.add_routes(self.app, admin=True)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self.listener = HttpListener(self.app, config.host, config.port)
 
     @web.middleware
     async def _require_token(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -63,19 +63,14 @@ class AdminServer:
         return await handler(request)
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await self._site.start()
+        await self.listener.start()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        server = self._site._server if self._site is not None else None  # noqa: SLF001
-        return [s.getsockname()[:2] for s in server.sockets] if server is not None else []
+        return self.listener.addresses
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.listener.close()
 
     async def status(self, request: web.Request) -> web.Response:
         return _reply(self.code.status())

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from ..config import HttpConfig, LimitsConfig
 from . import static_files
+from .listener import HttpListener
 from .rtmp_server import NAME_PATTERN
 
 SEGMENT_PATTERN = re.compile(r"seg[0-9]{1,20}\.ts")
@@ -51,30 +52,24 @@ class HttpServer:
         self.app.router.add_get("/status.json", self.all_status)
         self.app.router.add_get("/live/{name}/{file}", self.hls_file)
         self.app.router.add_route("OPTIONS", "/live/{name}/{file}", self.preflight)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(
+        self.listener = HttpListener(
             self.app,
-            access_log=None,
-            handle_signals=False,
+            config.host,
+            config.port,
             max_line_size=self.limits.http_max_header_bytes,
             max_field_size=self.limits.http_max_header_bytes,
             max_headers=self.limits.http_max_headers,
         )
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
-        await self._site.start()
+
+    async def start(self) -> None:
+        await self.listener.start()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        server = self._site._server if self._site is not None else None  # noqa: SLF001
-        return [s.getsockname()[:2] for s in server.sockets] if server is not None else []
+        return self.listener.addresses
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.listener.close()
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n", headers={"Cache-Control": "no-cache"})
