@@ -271,20 +271,27 @@ class SegmentKeeper(threading.Thread):
             time.sleep(0.25)
 
 
-def count_video_frames(keep_dir: Path, n: int) -> list[int]:
-    """Video packets (= frames) across the kept segments of each stream, demuxed with PyAV."""
+def _count_stream(directory: str) -> int:
     import av
 
-    out = []
-    for i in range(n):
-        total = 0
-        for seg in sorted((keep_dir / str(i)).glob("*.ts")):
-            try:
-                with av.open(str(seg)) as container:
-                    if not container.streams.video:
-                        continue
+    total = 0
+    for seg in sorted(Path(directory).glob("*.ts")):
+        try:
+            with av.open(str(seg)) as container:
+                if container.streams.video:
                     total += sum(1 for p in container.demux(container.streams.video[0]) if p.size)
-            except av.error.FFmpegError:
-                pass
-        out.append(total)
-    return out
+        except av.error.FFmpegError:
+            pass
+    return total
+
+
+def count_video_frames(keep_dir: Path, n: int) -> list[int]:
+    """Video packets (= frames) across the kept segments of each stream, demuxed
+    with PyAV, one process per core (the server is stopped by then)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    dirs = [str(keep_dir / str(i)) for i in range(n)]
+    if n == 1:
+        return [_count_stream(dirs[0])]
+    with ProcessPoolExecutor(max_workers=min(os.cpu_count() or 1, n)) as pool:
+        return list(pool.map(_count_stream, dirs))

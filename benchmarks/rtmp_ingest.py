@@ -214,7 +214,10 @@ def start_mediaserver(command: list[str], work: Path, ports: list[int], n: int, 
     for attempt in (previews, None):
         config.write_text(mediaserver_config(work, ports, n, attempt))
         log = work / "log"
-        server = spawn([*command, "serve", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+        # cwd: the run's own directory, so `python -m mediaserver` imports the build on PYTHONPATH
+        # or installed in --server-cmd's venv, not ./mediaserver of wherever this script was started
+        server = spawn([*command, "serve", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
+                       cwd=work)
         deadline = time.monotonic() + 30
         while server.poll() is None and time.monotonic() < deadline:
             try:
@@ -432,7 +435,7 @@ def main() -> int:
     clip = make_clip()
     module = None if args.skip_nginx else ensure_nginx()
     servers = (0 if args.skip_mediaserver else 1 + 2 * args.previews) + (module is not None)
-    estimate = sum(servers * (args.duration + max(4.0, 2 + 0.05 * n) + 8 + 0.15 * n) for n in counts)
+    estimate = sum(servers * (args.duration + max(4.0, 2 + 0.05 * n) + 9 + 0.2 * n) for n in counts)
     print(f"clip: {clip} ({clip.stat().st_size * 8 / 20 / 1e6:.1f} Mbit/s); {CPUS} cores; "
           f"steps N={counts}, {args.duration:g} s window each; about {estimate / 60:.0f} min", flush=True)
     rows = []
@@ -462,6 +465,11 @@ def main() -> int:
     print(f"\nsummary ({time.monotonic() - begun:.0f} s; %core/str = server CPU per stream as % of one core;"
           f" RSS MB/+str = (loaded - idle RSS) / N; lost/err = video frames lost / server log errors)\n")
     print(table(rows))
+    for key, label in (("ms", "mediaserver"), ("nginx", "nginx-rtmp")):
+        steps = [(r["n"], r[key]["server_core_pct"]) for r in rows if key in r]
+        if len(steps) > 1:
+            print(f"{label}: marginal % of a core per added stream: " + ", ".join(
+                f"{a}->{b}: {(cb - ca) / (b - a):.3f}" for (a, ca), (b, cb) in zip(steps, steps[1:]) if b != a))
     for row in rows:
         if "ms_previews" in row and "ms" in row:
             base = row["ms"]["cpu_pct_per_stream"]
