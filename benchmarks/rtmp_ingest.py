@@ -480,6 +480,10 @@ def main() -> int:
                     print(f"N={row['n']}: mediaserver {label}: {v:.3f} %core/stream, {100 * (v / base - 1):+.1f} % over"
                           " previews off" + ("   (target: under +20 %)" if key == "ms_viewed" else ""))
     print("\ntargets: CPU per stream <= 2x nginx-rtmp; <= 8 MB RSS per added stream; 100 streams without a lost frame")
+    disturbed = [f"N={r['n']} {k}" for r in rows for k in ("ms", "nginx") if k in r and r[k]["other_core_pct"] > 20]
+    if disturbed:
+        print(f"note: other processes used over 20 % of a core during {', '.join(disturbed)}"
+              " (see 'anything else' in each step): repeat those steps on an idle machine")
     worst = max((r.get(k, {}).get("machine_pct", 0) for r in rows for k in ("ms", "nginx")), default=0)
     if worst > 90:
         print(f"note: the machine was {worst:.0f} % busy in some step (publishers share its {CPUS} cores):"
