@@ -1,41 +1,53 @@
 """The CLI side of the admin API: find the address and token, call, print.
 
 Standard library only (urllib), so `mediaserver status` starts fast.
+
+Exit codes: 0 done; 1 the server answered and refused (a relup or revert it
+would not do, a wrong token, a bad request); 2 the request could not be made
+(no token, bad --admin URL, server unreachable; argparse usage errors are 2 too).
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import json
 import os
+import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
-from .admin_token import read_token_file, token_path
+from .admin_token import token_path
 from .config import Config
+
+TIMEOUT = 120.0
+"""Seconds to wait for an answer: a relup's preflight over many sessions takes a while."""
 
 
 class AdminUnreachable(Exception):
-    pass
+    """The request could not be made or got no HTTP answer."""
 
 
 class AdminClient:
     def __init__(self, config: Config, url: str | None = None, token: str | None = None) -> None:
-        host = config.admin.host
-        if host in ("0.0.0.0", "::", ""):
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        self.url = (url or f"http://{host}:{config.admin.port}").rstrip("/")
-        self.token = token or config.admin.token or read_token_file(token_path(config)) or ""
+        self.config = config
+        self.url = (url or _default_url(config)).rstrip("/")
+        self._token = token or config.admin.token or None
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            self._token = _read_token(self.config)
+        return self._token
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        if not self.token:
-            raise AdminUnreachable(
-                "no admin token: pass --token, set [admin] token, or run where the server's "
-                "data_dir/admin.token is readable"
-            )
+        """(HTTP status, decoded JSON answer) for any answer the server gives."""
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise AdminUnreachable(f"--admin {self.url!r} is not an http:// URL, e.g. http://127.0.0.1:8081")
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.url + path,
@@ -44,64 +56,109 @@ class AdminClient:
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read() or b"null")
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return response.status, _decode(response.read())
         except urllib.error.HTTPError as exc:
-            payload = exc.read()
-            try:
-                return exc.code, json.loads(payload)
-            except ValueError:
-                return exc.code, {"error": payload.decode(errors="replace")}
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise AdminUnreachable(f"cannot reach the admin API at {self.url}: {reason}") from None
+            return exc.code, _decode(exc.read())
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+            raise AdminUnreachable(f"cannot reach the admin API at {self.url}: {_reason(exc)}") from None
+
+
+def _default_url(config: Config) -> str:
+    host = config.admin.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.admin.port}"
+
+
+def _read_token(config: Config) -> str:
+    """The token the server wrote to data_dir/admin.token (any owner: we only send it)."""
+    path = token_path(config)
+    hint = "pass --token, set [admin] token, or pass the server's --config so its data_dir is found"
+    try:
+        with open(path, encoding="ascii") as file:
+            token = file.read(4096).strip()
+    except FileNotFoundError:
+        raise AdminUnreachable(f"no admin token: {path} does not exist; {hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AdminUnreachable(f"no admin token: cannot read {path}: {_reason(exc)}; {hint}") from None
+    if not token:
+        raise AdminUnreachable(f"no admin token: {path} is empty; {hint}")
+    return token
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        return json.loads(payload or b"null")
+    except ValueError:
+        return {"error": "not a JSON answer (is this the admin API?): "
+                         + payload[:200].decode(errors="replace").strip()}
+
+
+def _reason(exc: BaseException) -> str:
+    """`connection refused`, `timed out`, `name or service not known`..."""
+    reason: Any = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        if reason.errno == errno.ECONNREFUSED:
+            return "connection refused"
+        return reason.strerror[:1].lower() + reason.strerror[1:]
+    return str(reason) or type(reason).__name__
 
 
 def relup_path_argument(path: str | None) -> str | None:
     """A bare name ("1.1.0") goes as is; a path goes absolute but unresolved, so
     the server sees (and refuses) symlinks itself."""
-    if path is None or ("/" not in path and path not in (".", "..")):
+    if path is None or (os.sep not in path and path not in (".", "..")):
         return path
     return os.path.abspath(path)
 
 
-def print_report(report: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(report, indent=2))
-        return
+def print_report(report: dict[str, Any]) -> None:
     action = report.get("action", "relup")
-    outcome = "done" if report.get("ok") else "REFUSED"
-    print(f"{action} {report.get('from_version')} -> {report.get('to_version')}: {outcome}")
+    versions = f"{report.get('from_version')} -> {report.get('to_version')}"
+    if not report.get("ok"):
+        outcome = "REFUSED (nothing changed)"
+    elif action == "dry_run":
+        outcome = "done (preflight only, nothing changed)"
+    else:
+        outcome = "done"
+    print(f"{action} {versions}: {outcome}")
     print(f"  sessions: {report.get('sessions')}, took {report.get('duration_ms')} ms, "
           f"switch held the loop {report.get('switch_ms')} ms")
     if report.get("error"):
         print(f"  error: {report['error']}")
     for error in report.get("session_errors") or []:
-        print(f"  session {error['stream']}: {error['stage']}: {error['reason']}")
+        print(f"  session {error.get('stream')}: {error.get('stage')}: {error.get('reason')}")
 
 
-def print_status(status: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(status, indent=2))
-        return
-    print(f"version {status['version']}")
+def print_status(status: dict[str, Any]) -> None:
+    print(f"version {status.get('version')}")
     print("generations:")
-    for g in status["generations"]:
-        role = "current" if g["current"] else "kept for revert"
-        print(f"  g{g['number']} {g['version']} (state v{g['state_version']}): {g['sessions']} sessions, {role}")
-    print(f"sessions: {len(status['sessions'])}")
-    for s in status["sessions"]:
-        extra = "".join(
-            f", {k} {s[k]}" for k in ("bitrate_kbps", "fps") if k in s
-        )
-        print(f"  {s['name']}: {s['version']} state v{s.get('state_version')}, up {s['uptime']} s, "
+    for g in status.get("generations") or []:
+        role = "current" if g.get("current") else "kept for revert"
+        print(f"  g{g.get('number')} {g.get('version')} (state v{g.get('state_version')}): "
+              f"{g.get('sessions')} sessions, {role}")
+    sessions = status.get("sessions") or []
+    print(f"sessions: {len(sessions)}")
+    for s in sessions:
+        extra = "".join(f", {k} {s[k]}" for k in ("bitrate_kbps", "fps") if k in s)
+        print(f"  {s.get('name')}: {s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
               f"{s.get('video_frames', '?')} video / {s.get('audio_frames', '?')} audio frames{extra}")
     history = status.get("history") or []
     if history:
         print("relup history:")
         for r in history[-10:]:
-            print(f"  {r['action']} {r['from_version']} -> {r['to_version']}: "
-                  f"{'ok' if r['ok'] else 'refused: ' + r['error']}")
+            outcome = "ok" if r.get("ok") else f"refused: {r.get('error')}"
+            print(f"  {r.get('action')} {r.get('from_version')} -> {r.get('to_version')}: {outcome}")
+
+
+def _refusal(code: int, body: Any) -> str:
+    text = body.get("error", body) if isinstance(body, dict) else body
+    return f"mediaserver: the admin API answered {code}: {text}"
 
 
 def run(command: str, config: Config, args: Any) -> int:
@@ -109,12 +166,7 @@ def run(command: str, config: Config, args: Any) -> int:
     try:
         if command == "status":
             code, body = client.call("GET", "/api/v1/status")
-            if code != 200:
-                print(f"mediaserver: admin API answered {code}: {body.get('error', body)}", file=sys.stderr)
-                return 1
-            print_status(body, args.json)
-            return 0
-        if command == "apply":
+        elif command == "apply":
             code, body = client.call(
                 "POST", "/api/v1/relup", {"path": relup_path_argument(args.path), "dry_run": args.dry_run}
             )
@@ -123,9 +175,18 @@ def run(command: str, config: Config, args: Any) -> int:
     except AdminUnreachable as exc:
         print(f"mediaserver: {exc}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps(body, indent=2))
+    if command == "status":
+        if code == 200 and isinstance(body, dict):
+            if not args.json:
+                print_status(body)
+            return 0
+        print(_refusal(code, body), file=sys.stderr)
+        return 1
     if code in (200, 409) and isinstance(body, dict) and "ok" in body:
-        print_report(body, args.json)
-        return 0 if body["ok"] else 1
-    print(f"mediaserver: admin API answered {code}: {body.get('error', body) if isinstance(body, dict) else body}",
-          file=sys.stderr)
-    return 2 if code in (400, 401) else 1
+        if not args.json:
+            print_report(body)
+        return 0 if body["ok"] and code == 200 else 1
+    print(_refusal(code, body), file=sys.stderr)
+    return 1

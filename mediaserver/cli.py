@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
+import textwrap
 
 from . import __version__
 from .config import ConfigError, load_config
+
+
+EXIT_CODES = """exit status:
+  0  done
+  1  the server refused (the error and each session's error are printed)
+  2  usage error, no token, or the admin API cannot be reached"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,9 +37,16 @@ def _parser() -> argparse.ArgumentParser:
 
     def admin_options(command: argparse.ArgumentParser) -> None:
         command.add_argument("--config", metavar="FILE", help="the server's TOML config (admin address, data_dir)")
-        command.add_argument("--admin", metavar="URL", help="admin API base URL, e.g. http://127.0.0.1:8081")
+        command.add_argument(
+            "--admin", metavar="URL",
+            help="admin API base URL, e.g. http://127.0.0.1:8081 (default: [admin] host and port of the config)",
+        )
         command.add_argument("--token", help="admin bearer token (default: config, then data_dir/admin.token)")
         command.add_argument("--json", action="store_true", help="print the raw JSON answer")
+        # Raw, so the exit codes keep their lines; the description is filled here.
+        command.description = textwrap.fill(command.description or "", 78)
+        command.epilog = EXIT_CODES
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
 
     status = commands.add_parser(
         "status", help="show version, generations, sessions and relup history",
@@ -52,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         "name (1.1.0) or a path inside that directory; without it, the package whose `from` is the "
         "running version. --dry-run runs the whole preflight on copies of the live state and changes nothing.",
     )
-    apply.add_argument("path", nargs="?", metavar="PATH")
+    apply.add_argument(
+        "path", nargs="?", metavar="PATH", help="package name (1.1.0) or path in the relups directory"
+    )
     apply.add_argument("--dry-run", action="store_true", help="preflight only; change nothing")
     admin_options(apply)
     revert = relup_commands.add_parser(
@@ -90,6 +105,8 @@ def _serve(args: argparse.Namespace) -> int:
         config.log_format = args.log_format
     if args.log_level:
         config.log_level = args.log_level
+    import asyncio  # here, not at the top: the admin commands start faster without it
+
     from . import logsetup, server
 
     logsetup.configure(config.log_level, config.log_format)
