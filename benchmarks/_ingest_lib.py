@@ -116,18 +116,21 @@ def machine_ticks() -> tuple[int, int]:
 class Publishers:
     """N `ffmpeg -re -stream_loop -1 -i clip -c copy -f flv URL`, each writing
     `-progress` to a file: `frame=` is the video frames it has sent, `out_time_us`
-    how much media time."""
+    how much media time. They are stopped with `q` on stdin, which ffmpeg reads
+    between packets: a signal would also abort a write blocked on a full socket,
+    cutting the frame being sent (that frame would then count as lost)."""
 
     def __init__(self, clip: Path, urls: list[str], workdir: Path) -> None:
         self.progress_files = [workdir / f"pub{i}.progress" for i in range(len(urls))]
         self.logs = [workdir / f"pub{i}.log" for i in range(len(urls))]
         self.procs: list[subprocess.Popen] = []
+        self.signalled = 0
         for url, progress, log in zip(urls, self.progress_files, self.logs):
             self.procs.append(spawn(
-                ["ffmpeg", "-hide_banner", "-nostdin", "-v", "error", "-re", "-stream_loop", "-1",
+                ["ffmpeg", "-hide_banner", "-v", "error", "-re", "-stream_loop", "-1",
                  "-i", str(clip), "-c", "copy", "-progress", str(progress), "-stats_period", "0.5",
                  "-f", "flv", url],
-                stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
             ))
 
     @property
@@ -165,14 +168,27 @@ class Publishers:
         return sum(1 for p in self.procs if p.poll() is not None)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGINT (ffmpeg flushes, closes the RTMP session, writes progress=end), then kill."""
+        """`q` (ffmpeg finishes the packet in hand, closes the RTMP session, writes
+        progress=end); SIGINT for those still running after `timeout`, then kill."""
         for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
+            try:
+                p.stdin.write(b"q")
+                p.stdin.close()
+            except (OSError, ValueError):
+                pass
         deadline = time.monotonic() + timeout
         for p in self.procs:
             try:
                 p.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs:
+            if p.poll() is None:
+                self.signalled += 1
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(5)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(5)

@@ -155,6 +155,7 @@ def measure(server, server_pids, urls, playlists, clip, work: Path, args, *, wan
         missed_segments=sum(len(m) for m in keeper.missed),
         sent=publishers.final_frames(),
         publisher_errors=publishers.errors(),
+        publishers_signalled=publishers.signalled,
     )
     return result
 
@@ -382,6 +383,7 @@ def describe(name: str, r: dict) -> str:
         f"    log: {len(r['errors'])} errors, {len(r['warnings'])} warnings;"
         f" publishers died during window: {r['publishers_died']}; publisher error lines: {len(r['publisher_errors'])}"
         + (" (started late)" if r["late_start"] else "")
+        + (f"; {r['publishers_signalled']} ignored q and were stopped by SIGINT" if r["publishers_signalled"] else "")
         + (f"; {r['note']}" if r["note"] else ""),
     ]
     for line in (r["errors"] + r["warnings"])[:3] + r["publisher_errors"][:2]:
