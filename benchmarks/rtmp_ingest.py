@@ -490,7 +490,7 @@ def main() -> int:
     if worst > 90:
         print(f"note: the machine was {worst:.0f} % busy in some step (publishers share its {CPUS} cores):"
               " figures from saturated steps understate what the server would need alone")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
