@@ -122,6 +122,7 @@ class CodeServer:
         generation: Generation | None = None
         try:
             package = self._find_package(requested)
+            check_package_tree(package)  # before reading anything in it
             spec = read_spec(package / "relup.toml")
             report.to_version = spec.to_version
             # The version check comes before any code of the package runs.
@@ -130,8 +131,11 @@ class CodeServer:
                     f"relup {package.name} upgrades from {spec.from_version}, "
                     f"but the running version is {from_version}"
                 )
-            check_package_tree(package)
-            logic_dir = package / spec.load.path
+            logic_dir = (package / spec.load.path).resolve()
+            if package not in logic_dir.parents:
+                raise RelupPathError(
+                    f"load_logic path {spec.load.path!r} leaves the relup package {package.name}"
+                )
             migrations = package / "migrations.py"
             if not logic_dir.is_dir():
                 raise RelupSpecError(f"relup {package.name} has no {spec.load.path}/ directory")
@@ -164,8 +168,8 @@ class CodeServer:
             generation = None  # installed: not purged below
             report.ok = True
             return report
-        except (RelupPathError, RelupSpecError, GenerationError, _SwitchAborted) as exc:
-            report.error = str(exc)
+        except (RelupPathError, RelupSpecError, GenerationError, _SwitchAborted, ValueError, OSError) as exc:
+            report.error = str(exc) if not isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
             if isinstance(exc, _SwitchAborted):
                 report.session_errors = exc.errors
             return report

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -36,7 +36,8 @@ class RelupSpecError(Exception):
 
 
 class LoadLogic(msgspec.Struct, tag="load_logic", tag_field="type", forbid_unknown_fields=True):
-    path: str = "logic"
+    path: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")] = "logic"
+    """A folder directly inside the package: no `/`, no `..`."""
 
 
 class UpdateSessions(msgspec.Struct, tag="update_sessions", tag_field="type", forbid_unknown_fields=True):
