@@ -1,153 +1,349 @@
 """The relups shipped in relups/: 1.0.0 -> 1.1.0 -> 1.2.0, and back.
 
-Behaviour is preserved across every switch (the same effects as 1.0.0 alone),
-the new figures appear, and every migration is exactly reversible.
+Each package is checked the way the engine will use it (spec, generation,
+source policy, migrations on builtins validated strictly), then run on a
+synthetic stream: the output (segments, packets, logs) must be exactly what
+1.0.0 alone produces, whatever the switch points; the new figures must match
+what was fed; and every migration must be exactly reversible on states taken
+at every point of a stream.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mediaserver import wire
 from mediaserver.runtime.generation import installed_logic_dir, load_generation, purge, read_sources
-from mediaserver.runtime.relup_spec import read_spec
+from mediaserver.runtime.relup import MIGRATIONS_MODULE
+from mediaserver.runtime.relup_spec import LoadLogic, UpdateSessions, read_spec
 from mediaserver.runtime.source_policy import check_source
 
-from synthetic import media
-
 RELUPS = Path(__file__).resolve().parent.parent / "relups"
+CHAIN = ["1.0.0", "1.1.0"]
+"""Versions in upgrade order; every package upgrades from the one before it."""
+PACKAGES = list(zip(CHAIN[1:], CHAIN[:-1]))
+"""(to, from) of each package."""
+STATE_VERSIONS = {"1.0.0": 1, "1.1.0": 2}
 SETTINGS = {"segment_target_ms": 2000, "timestamp_jump_ms": 10000}
-CHAIN = [("1.1.0", "1.0.0"), ("1.2.0", "1.1.0")]
+
+# The synthetic stream: 30 fps video with a keyframe every second, AAC frames
+# of 1024 samples at 48 kHz. Payload sizes are fixed so the bitrate fed is known.
+FPS = 30
+GOP = 30
+AUDIO_FRAME_MS = 1024 * 1000 / 48000
+KEY_BYTES, DELTA_BYTES, AUDIO_BYTES = 12_000, 3_000, 360
+
+WRAP = 2**32
+STARTS = [(0, WRAP), (WRAP - 2500, WRAP), (2**31 - 2500, 2**31)]
+"""(first raw timestamp, modulus): plain, the 32-bit wrap 2.5 s in, and the
+2**31 wrap of FFmpeg's FLV muxer (it masks the top bit)."""
 
 
-def migrations(version: str):
-    spec = importlib.util.spec_from_file_location(f"migrations_{version}", RELUPS / version / "migrations.py")
+# -- the synthetic stream ------------------------------------------------------
+
+
+def video_size(index: int) -> int:
+    return KEY_BYTES if index % GOP == 0 else DELTA_BYTES + (index % 7) * 10
+
+
+def stream(
+    seconds: float = 5.0,
+    start: int = 0,
+    modulus: int = WRAP,
+    jump_at_ms: int | None = None,
+    reconfigure_at_ms: int | None = None,
+    end: bool = True,
+) -> list[Any]:
+    """Configs and metadata, then video and audio interleaved by dts, then End.
+
+    `jump_at_ms`: the publisher's clock jumps 60 s ahead there (both tracks).
+    `reconfigure_at_ms`: a new video config arrives there (a cut with a
+    discontinuity). Both exercise 1.0.0 paths the new versions must keep.
+    """
+    media: list[tuple[int, int, Any]] = []
+
+    def raw(dts: int) -> int:
+        jumped = 60_000 if jump_at_ms is not None and dts >= jump_at_ms else 0
+        return (start + dts + jumped) % modulus
+
+    for i in range(int(seconds * FPS)):
+        dts = i * 1000 // FPS
+        key = i % GOP == 0
+        data = bytes([i % 251]) * video_size(i)
+        media.append((dts, 0, wire.Video(raw(dts), 0 if key else 33, key, data)))
+    for j in range(int(seconds * 1000 / AUDIO_FRAME_MS)):
+        dts = int(j * AUDIO_FRAME_MS)
+        media.append((dts, 1, wire.Audio(raw(dts), bytes([j % 251]) * AUDIO_BYTES)))
+    if reconfigure_at_ms is not None:
+        media.append((reconfigure_at_ms, -1, wire.VideoConfig(b"\x01avc-config-2")))
+    media.sort(key=lambda item: (item[0], item[1]))
+    messages: list[Any] = [
+        wire.Metadata({"width": 640, "height": 360, "framerate": 30.0, "encoder": "test"}),
+        wire.VideoConfig(b"\x01avc-config-1"),
+        wire.AudioConfig(b"\x12\x10"),
+    ]
+    messages += [message for _, _, message in media]
+    if end:
+        messages.append(wire.End(now=0.0, reason="test over"))
+    return messages
+
+
+def fed_kbps(messages: list[Any], seconds: float, kind: str | None = None) -> float:
+    sizes = [len(m.data) for m in messages if m.kind in ("video", "audio") and kind in (None, m.kind)]
+    return sum(sizes) * 8 / seconds / 1000
+
+
+# -- generations and migrations --------------------------------------------------
+
+
+@pytest.fixture
+def gens():
+    """Every version's generation, loaded fresh and purged after the test."""
+    loaded: dict[str, Any] = {}
+    try:
+        loaded["1.0.0"] = load_generation(installed_logic_dir())
+        for version, _ in PACKAGES:
+            loaded[version] = load_generation(RELUPS / version / "logic")
+        yield loaded
+    finally:
+        for generation in loaded.values():
+            purge(generation)
+
+
+def load_migrations(version: str) -> ModuleType:
+    """The package's migrations.py, imported from its file under a private name."""
+    path = RELUPS / version / "migrations.py"
+    spec = importlib.util.spec_from_file_location(f"_test_relup_migrations_{version.replace('.', '_')}", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def migrate(state, fn, target):
-    return msgspec.convert(fn(copy.deepcopy(msgspec.to_builtins(state))), target)
+MIGRATIONS = {version: load_migrations(version) for version, _ in PACKAGES}
 
 
-def messages(seconds=8, start=0):
-    """A real stream as session messages, optionally starting near the 32-bit wrap."""
-    video, audio, packets = media()
-    out = [wire.VideoConfig(video), wire.AudioConfig(audio)]
-    span = packets[-1][1] + 40
-    loops = int(seconds * 1000 // span) + 1
-    for loop in range(loops):
-        for kind, dts, pts, key, data in packets:
-            ts = (start + dts + loop * span) % 2**32
-            if kind == "video":
-                out.append(wire.Video(ts, pts - dts, key, data))
-            else:
-                out.append(wire.Audio(ts, data))
-    return out
+def strict(builtins: dict[str, Any], state_type: type) -> Any:
+    """`builtins` as `state_type`, proving nothing was filled in by a default or coerced."""
+    state = msgspec.convert(builtins, state_type)
+    encode = msgspec.json.Encoder(order="sorted").encode
+    assert encode(msgspec.to_builtins(state)) == encode(builtins)
+    return state
 
 
-@pytest.fixture(scope="module")
-def generations():
-    loaded = {"1.0.0": load_generation(installed_logic_dir())}
-    for version, _ in CHAIN:
-        loaded[version] = load_generation(RELUPS / version / "logic")
-    yield loaded
-    for generation in loaded.values():
-        purge(generation)
+def migrate(state: Any, version: str, direction: str, state_type: type) -> Any:
+    """One migration as the engine runs it, also proving it leaves its input alone."""
+    builtins = msgspec.to_builtins(state)
+    before = copy.deepcopy(builtins)
+    result = getattr(MIGRATIONS[version], direction)(builtins)
+    assert builtins == before, f"{version} {direction} changed its input"
+    return strict(result, state_type)
 
 
-@pytest.mark.parametrize("version, previous", CHAIN)
-def test_package_is_well_formed(version, previous, generations):
-    spec = read_spec(RELUPS / version / "relup.toml")
+def up(gens: dict[str, Any], state: Any, to: str) -> Any:
+    return migrate(state, to, "up", gens[to].state_type)
+
+
+def down(gens: dict[str, Any], state: Any, version: str) -> Any:
+    """From `version` to the version before it."""
+    previous = CHAIN[CHAIN.index(version) - 1]
+    return migrate(state, version, "down", gens[previous].state_type)
+
+
+def run(generation: Any, messages: list[Any], state: Any = None) -> tuple[Any, list[tuple[Any, ...]]]:
+    state = generation.init("s", 0.0, SETTINGS) if state is None else state
+    out: list[tuple[Any, ...]] = []
+    for message in messages:
+        state, effects = generation.handle(state, message)
+        out.extend(effects)
+    return state, out
+
+
+def states_at_every_point(generation: Any, messages: list[Any]) -> list[Any]:
+    state = generation.init("s", 0.0, SETTINGS)
+    states = [state]
+    for message in messages:
+        state, _ = generation.handle(state, message)
+        states.append(state)
+    return states
+
+
+# -- the packages ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version, previous", PACKAGES)
+def test_package_is_what_the_engine_expects(gens, version, previous):
+    package = RELUPS / version
+    spec = read_spec(package / "relup.toml")
     assert (spec.from_version, spec.to_version) == (previous, version)
-    assert generations[version].version == version
-    for text, path in read_sources(RELUPS / version / "logic").values():
-        assert check_source(text, str(path)) == [], path
-    text = (RELUPS / version / "migrations.py").read_bytes()
-    assert check_source(text, "migrations.py") == []
+    assert spec.description
+    assert [type(i) for i in spec.instructions] == [LoadLogic, UpdateSessions]
+    assert spec.load.path == "logic"
+    assert [(u.kind, u.up, u.down) for u in spec.updates] == [("stream", "up", "down")]
+
+    generation = gens[version]
+    assert generation.version == version
+    assert generation.state_version == STATE_VERSIONS[version]
+    assert generation.init("s", 0.0, SETTINGS).version == STATE_VERSIONS[version]
+
+    sources = [path for _, path in read_sources(package / "logic").values()]
+    sources.append(package / "migrations.py")
+    for path in sources:
+        assert check_source(path.read_bytes(), str(path)) == [], path
+
+    # The engine loads migrations.py inside the new generation: that must work too.
+    with_migrations = load_generation(package / "logic", {MIGRATIONS_MODULE: package / "migrations.py"})
+    try:
+        module = sys.modules[f"{with_migrations.package_name}.{MIGRATIONS_MODULE}"]
+        assert callable(module.up) and callable(module.down)
+    finally:
+        purge(with_migrations)
 
 
-@pytest.mark.parametrize("start", [0, 2**32 - 3000])
-def test_behaviour_is_preserved_across_the_chain_and_back(generations, start):
-    stream = messages(seconds=15, start=start)
-    base = generations["1.0.0"]
-    alone_state = base.init("s", 0.0, SETTINGS)
-    alone = []
-    for message in stream:
-        alone_state, effects = base.handle(alone_state, message)
-        alone.extend(effects)
-
-    # Switch generations every quarter of the stream: up, up, down, down.
-    order = ["1.0.0", "1.1.0", "1.2.0", "1.1.0", "1.0.0"]
-    steps = [
-        (migrations("1.1.0").up, "1.1.0"),
-        (migrations("1.2.0").up, "1.2.0"),
-        (migrations("1.2.0").down, "1.1.0"),
-        (migrations("1.1.0").down, "1.0.0"),
-    ]
-    cut = len(stream) // 5
-    state = base.init("s", 0.0, SETTINGS)
-    current = base
-    mixed = []
-    described = {}
-    for index, message in enumerate(stream):
-        if index and index % cut == 0 and steps:
-            fn, version = steps.pop(0)
-            current = generations[version]
-            state = migrate(state, fn, current.state_type)
-        state, effects = current.handle(state, message)
-        mixed.extend(effects)
-        described[current.version] = current.describe(state)
-    assert current.version == order[-1]
-    assert _comparable(mixed) == _comparable(alone)
-
-    assert "bitrate_kbps" not in described["1.0.0"]
-    media_messages = [m for m in stream if m.kind in ("video", "audio")]
-    duration_s = len([m for m in media_messages if m.kind == "video"]) / 25
-    bitrate = sum(len(m.data) for m in media_messages) * 8 / duration_s / 1000
-    for version in ("1.1.0", "1.2.0"):
-        info = described[version]
-        assert abs(info["fps"] - 25) <= 1, info
-        assert info["bitrate_kbps"] == pytest.approx(bitrate, rel=0.25), info
-    assert described["1.2.0"]["keyframe_interval_ms"] in (1000, 1040)  # the clip loops every 2040 ms
-    assert "keyframe_interval_ms" not in described["1.1.0"]
+@pytest.mark.parametrize("version", [v for v, _ in PACKAGES])
+def test_effect_opcodes_are_the_runtime_ones(gens, version):
+    effects = sys.modules[f"{gens[version].package_name}.effects"]
+    restated = {name: value for name, value in vars(effects).items() if name.isupper()}
+    assert restated == {name: getattr(wire, name) for name in restated}
+    assert set(restated.values()) == wire.EFFECT_OPCODES
 
 
-def _comparable(effects):
-    return [tuple(bytes(x) if isinstance(x, memoryview) else x for x in e) for e in effects]
+@pytest.mark.parametrize("version, previous", PACKAGES)
+def test_a_state_of_another_version_is_refused(gens, version, previous):
+    older = msgspec.to_builtins(gens[previous].init("s", 0.0, SETTINGS))
+    newer = msgspec.to_builtins(gens[version].init("s", 0.0, SETTINGS))
+    with pytest.raises(ValueError, match="version"):
+        MIGRATIONS[version].up(newer)
+    with pytest.raises(ValueError, match="version"):
+        MIGRATIONS[version].down(older)
 
 
-def test_down_up_is_identity_at_every_point(generations):
-    stream = messages(seconds=3)
-    states = {v: g.init("s", 0.0, SETTINGS) for v, g in generations.items()}
-    m11, m12 = migrations("1.1.0"), migrations("1.2.0")
-    for index, message in enumerate(stream):
-        for version, generation in generations.items():
-            states[version], _ = generation.handle(states[version], message)
-        if index % 7:
-            continue
-        s10 = states["1.0.0"]
-        s11 = migrate(s10, m11.up, generations["1.1.0"].state_type)
-        assert migrate(s11, m11.down, generations["1.0.0"].state_type) == s10
-        s12 = migrate(states["1.1.0"], m12.up, generations["1.2.0"].state_type)
-        assert migrate(s12, m12.down, generations["1.1.0"].state_type) == states["1.1.0"]
-        # A 1.2.0 state goes down through 1.1.0 to a valid 1.0.0 state.
-        down = migrate(migrate(states["1.2.0"], m12.down, generations["1.1.0"].state_type),
-                       m11.down, generations["1.0.0"].state_type)
-        assert down.health == states["1.0.0"].health and down.sequence == states["1.0.0"].sequence
+# -- behaviour is preserved --------------------------------------------------------
 
 
-def test_migrations_do_not_touch_their_input():
-    state = msgspec.to_builtins(load_generation(installed_logic_dir()).init("s", 0.0, SETTINGS))
-    before = copy.deepcopy(state)
-    up = migrations("1.1.0").up(state)
-    assert state == before
-    before_up = copy.deepcopy(up)
-    migrations("1.2.0").up(up)
-    assert up == before_up
+def chain_run(gens: dict[str, Any], messages: list[Any], cuts: list[int]) -> tuple[Any, list[tuple[Any, ...]], str]:
+    """Run from 1.0.0, up the chain then down it, switching before message cuts[k]."""
+    path = CHAIN + CHAIN[-2::-1]
+    version, state, out = path[0], gens[path[0]].init("s", 0.0, SETTINGS), []
+    switches = list(zip(cuts, path[1:]))
+    for index, message in enumerate(messages):
+        while switches and switches[0][0] == index:
+            _, target = switches.pop(0)
+            if CHAIN.index(target) > CHAIN.index(version):
+                state = up(gens, state, target)
+            else:
+                state = down(gens, state, version)
+            version = target
+        state, effects = gens[version].handle(state, message)
+        out.extend(effects)
+    return state, out, version
+
+
+@pytest.mark.parametrize("start, modulus", STARTS)
+@pytest.mark.parametrize("version, previous", PACKAGES)
+def test_output_is_what_the_old_logic_alone_writes(gens, version, previous, start, modulus):
+    messages = stream(6.0, start, modulus, jump_at_ms=3500, reconfigure_at_ms=4200)
+    _, alone = run(gens[previous], messages)
+    assert any(e[0] == wire.SEGMENT_END for e in alone) and any(e[0] == wire.LOG for e in alone)
+    for cut in (0, 1, 3, len(messages) // 3, len(messages) // 2, len(messages) - 1):
+        old_state, before = run(gens[previous], messages[:cut])
+        _, after = run(gens[version], messages[cut:], up(gens, old_state, version))
+        assert before + after == alone, f"switch before message {cut}"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=st.data(),
+    start=st.sampled_from(STARTS),
+    jump=st.sampled_from([None, 1700, 3900]),
+)
+def test_any_switch_points_up_and_down_the_chain_write_the_same_output(gens, data, start, jump):
+    messages = stream(5.0, *start, jump_at_ms=jump, reconfigure_at_ms=2600)
+    switches = 2 * (len(CHAIN) - 1)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(messages)), min_size=switches, max_size=switches)))
+    _, alone = run(gens["1.0.0"], messages)
+    state, out, version = chain_run(gens, messages, cuts)
+    assert out == alone
+    if version == "1.0.0":
+        assert state == run(gens["1.0.0"], messages)[0]
+
+
+# -- the new figures -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start, modulus", STARTS)
+def test_1_1_0_shows_bitrate_and_fps_of_what_was_fed(gens, start, modulus):
+    seconds = 5.0
+    messages = stream(seconds, start, modulus, end=False)
+    cut = len(messages) // 4
+    old_state, _ = run(gens["1.0.0"], messages[:cut])
+    assert "bitrate_kbps" not in gens["1.0.0"].describe(old_state)
+    assert "fps" not in gens["1.0.0"].describe(old_state)
+
+    state = up(gens, old_state, "1.1.0")
+    shown = gens["1.1.0"].describe(state)
+    # Right after the switch nothing is measured yet; every 1.0.0 key is still there.
+    assert (shown["bitrate_kbps"], shown["fps"]) == (0.0, 0.0)
+    assert shown == {**gens["1.0.0"].describe(old_state), "state_version": 2, "bitrate_kbps": 0.0, "fps": 0.0}
+
+    state, _ = run(gens["1.1.0"], messages[cut:], state)
+    shown = gens["1.1.0"].describe(state)
+    assert shown["bitrate_kbps"] == pytest.approx(fed_kbps(messages, seconds), rel=0.05)
+    assert abs(shown["fps"] - FPS) <= 1
+    # From the first frame on, the figures are there one second in.
+    fresh, _ = run(gens["1.1.0"], messages[: len(messages) // 2])
+    assert abs(gens["1.1.0"].describe(fresh)["fps"] - FPS) <= 1
+
+
+def test_rate_windows_hold_every_byte_once(gens):
+    """Closed windows plus the open one add up to exactly the bytes written."""
+    messages = stream(4.0, end=False)
+    state = gens["1.1.0"].init("s", 0.0, SETTINGS)
+    closed_bytes = written = 0
+    for message in messages:
+        before = state.rate
+        state, effects = gens["1.1.0"].handle(state, message)
+        written += sum(len(e[5]) for e in effects if e[0] == wire.PACKET)
+        if state.rate.window_start_ms != before.window_start_ms and before.window_start_ms >= 0:
+            closed_bytes += before.window_bytes
+            span = state.rate.window_start_ms - before.window_start_ms
+            assert 1000 <= span <= 1000 + 34  # closed by the next frame of either track
+            assert state.rate.bitrate_bps == before.window_bytes * 8000 // span
+    assert closed_bytes + state.rate.window_bytes == written
+    assert state.rate.keyframe_interval_ms == 1000
+
+
+# -- migrations are exact -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start, modulus", STARTS)
+def test_migrations_round_trip_at_every_point_of_a_stream(gens, start, modulus):
+    messages = stream(4.0, start, modulus, jump_at_ms=2100, reconfigure_at_ms=2900)
+    states = {v: states_at_every_point(gens[v], messages) for v in CHAIN}
+    for index in range(len(messages) + 1):
+        s10, s11 = states["1.0.0"][index], states["1.1.0"][index]
+        assert down(gens, up(gens, s10, "1.1.0"), "1.1.0") == s10, index
+        # 1.1.0 only adds: its state less the rate window is 1.0.0's, exactly.
+        assert down(gens, s11, "1.1.0") == s10, index
+
+
+def test_the_whole_chain_up_and_back_down_gives_the_original_state(gens):
+    messages = stream(3.0, WRAP - 1000, jump_at_ms=1500)
+    for index in (0, 3, 50, 200, len(messages)):
+        original, _ = run(gens["1.0.0"], messages[:index])
+        state = original
+        for version in CHAIN[1:]:
+            state = up(gens, state, version)
+        for version in CHAIN[:0:-1]:
+            state = down(gens, state, version)
+        assert state == original

@@ -59,15 +59,30 @@ class Previews(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RateWindow(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Bitrate and frame rate over one-second windows of the stream's own timeline."""
+    """Bitrate, frame rate and keyframe interval on the stream's own timeline.
+
+    Counted over one-second windows of output dts (logic has no clock), from
+    the frames written to HLS only. The last complete window's figures are
+    kept as integers and one float, so migrations can map them exactly.
+    """
 
     window_start_ms: int = -1
-    """Output dts where the current window began; -1 before the first frame."""
+    """Output dts where the open window began; -1 before the first frame."""
     window_bytes: int = 0
+    """All tracks."""
+    window_video_bytes: int = 0
+    """The video part of `window_bytes`: kept apart so per-track rates need no new data."""
     window_video_frames: int = 0
     bitrate_bps: int = 0
-    """Of the last complete window."""
+    """Of the last complete window, all tracks."""
+    video_bitrate_bps: int = 0
+    """The video part of `bitrate_bps`."""
     fps: float = 0.0
+    """Of the last complete window."""
+    last_keyframe_ms: int = -1
+    """Output dts of the last keyframe written; -1 before the first one."""
+    keyframe_interval_ms: int = 0
+    """Between the last two keyframes written (measured here, shown from 1.2.0 on)."""
 
 
 class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -94,4 +109,5 @@ class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     health: Health = msgspec.field(default_factory=Health)
     previews: Previews = msgspec.field(default_factory=Previews)
     rate: RateWindow = msgspec.field(default_factory=RateWindow)
+    """New in state version 2 (1.1.0)."""
     ended: bool = False

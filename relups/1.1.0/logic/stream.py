@@ -105,7 +105,7 @@ def _media(
         return new, effects
 
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
-    new.rate = rate.add(new.rate, dts, len(data), track == "video")
+    new.rate = rate.on_packet(new.rate, dts, len(data), track == "video", keyframe)
     if track == "video":
         new.previews, more = previews.on_video(new.previews, dts, keyframe, data)
     else:
@@ -188,6 +188,7 @@ def describe(state: StreamState) -> dict[str, Any]:
         "timestamp_jumps": health.timestamp_jumps,
         "dropped_frames": health.dropped_frames,
         "ended": state.ended,
+        # New in 1.1.0: figures of the last complete one-second window, 0 before the first.
         "bitrate_kbps": round(state.rate.bitrate_bps / 1000, 1),
         "fps": state.rate.fps,
     }
