@@ -29,11 +29,11 @@ from mediaserver.runtime.relup_spec import LoadLogic, UpdateSessions, read_spec
 from mediaserver.runtime.source_policy import check_source
 
 RELUPS = Path(__file__).resolve().parent.parent / "relups"
-CHAIN = ["1.0.0", "1.1.0"]
+CHAIN = ["1.0.0", "1.1.0", "1.2.0"]
 """Versions in upgrade order; every package upgrades from the one before it."""
 PACKAGES = list(zip(CHAIN[1:], CHAIN[:-1]))
 """(to, from) of each package."""
-STATE_VERSIONS = {"1.0.0": 1, "1.1.0": 2}
+STATE_VERSIONS = {"1.0.0": 1, "1.1.0": 2, "1.2.0": 3}
 SETTINGS = {"segment_target_ms": 2000, "timestamp_jump_ms": 10000}
 
 # The synthetic stream: 30 fps video with a keyframe every second, AAC frames
@@ -53,7 +53,12 @@ STARTS = [(0, WRAP), (WRAP - 2500, WRAP), (2**31 - 2500, 2**31)]
 
 
 def video_size(index: int) -> int:
-    return KEY_BYTES if index % GOP == 0 else DELTA_BYTES + (index % 7) * 10
+    # Uneven sizes, as an encoder's are: per-track rates then round differently.
+    return KEY_BYTES if index % GOP == 0 else DELTA_BYTES + index * 37 % 400
+
+
+def audio_size(index: int) -> int:
+    return AUDIO_BYTES + index * 53 % 90
 
 
 def stream(
@@ -62,13 +67,18 @@ def stream(
     modulus: int = WRAP,
     jump_at_ms: int | None = None,
     reconfigure_at_ms: int | None = None,
+    late_video_ms: int | None = None,
+    jitter: bool = True,
     end: bool = True,
 ) -> list[Any]:
-    """Configs and metadata, then video and audio interleaved by dts, then End.
+    """Metadata and configs, then video and audio interleaved by dts, then End.
 
-    `jump_at_ms`: the publisher's clock jumps 60 s ahead there (both tracks).
-    `reconfigure_at_ms`: a new video config arrives there (a cut with a
-    discontinuity). Both exercise 1.0.0 paths the new versions must keep.
+    Each option drives a 1.0.0 path the new versions must keep:
+    `jump_at_ms`: the publisher's clock jumps 60 s ahead there (both tracks);
+    `reconfigure_at_ms`: a new video config arrives there (cut, discontinuity);
+    `late_video_ms`: the video config only arrives then (earlier video is
+    dropped, the audio-only segment is cut when video joins);
+    `jitter`: every 45th video frame is stamped 40 ms early (dts fixed up).
     """
     media: list[tuple[int, int, Any]] = []
 
@@ -79,19 +89,24 @@ def stream(
     for i in range(int(seconds * FPS)):
         dts = i * 1000 // FPS
         key = i % GOP == 0
+        stamped = dts - 40 if jitter and i % 45 == 44 else dts
         data = bytes([i % 251]) * video_size(i)
-        media.append((dts, 0, wire.Video(raw(dts), 0 if key else 33, key, data)))
+        media.append((dts, 1, wire.Video(raw(stamped), 0 if key else 33, key, data)))
     for j in range(int(seconds * 1000 / AUDIO_FRAME_MS)):
         dts = int(j * AUDIO_FRAME_MS)
-        media.append((dts, 1, wire.Audio(raw(dts), bytes([j % 251]) * AUDIO_BYTES)))
+        media.append((dts, 2, wire.Audio(raw(dts), bytes([j % 251]) * audio_size(j))))
+    video_config = wire.VideoConfig(b"\x01avc-config-1")
+    if late_video_ms is not None:
+        media.append((late_video_ms, 0, video_config))
     if reconfigure_at_ms is not None:
-        media.append((reconfigure_at_ms, -1, wire.VideoConfig(b"\x01avc-config-2")))
+        media.append((reconfigure_at_ms, 0, wire.VideoConfig(b"\x01avc-config-2")))
     media.sort(key=lambda item: (item[0], item[1]))
     messages: list[Any] = [
         wire.Metadata({"width": 640, "height": 360, "framerate": 30.0, "encoder": "test"}),
-        wire.VideoConfig(b"\x01avc-config-1"),
         wire.AudioConfig(b"\x12\x10"),
     ]
+    if late_video_ms is None:
+        messages.append(video_config)
     messages += [message for _, _, message in media]
     if end:
         messages.append(wire.End(now=0.0, reason="test over"))
@@ -254,7 +269,10 @@ def chain_run(gens: dict[str, Any], messages: list[Any], cuts: list[int]) -> tup
 def test_output_is_what_the_old_logic_alone_writes(gens, version, previous, start, modulus):
     messages = stream(6.0, start, modulus, jump_at_ms=3500, reconfigure_at_ms=4200)
     _, alone = run(gens[previous], messages)
-    assert any(e[0] == wire.SEGMENT_END for e in alone) and any(e[0] == wire.LOG for e in alone)
+    end_state = run(gens["1.0.0"], messages)[0]
+    # The stream does reach the paths it is meant to.
+    assert end_state.health.timestamp_jumps and end_state.health.timestamp_fixes
+    assert [e[2] for e in alone if e[0] == wire.SEGMENT_START].count(True) == 1  # the reconfigure
     for cut in (0, 1, 3, len(messages) // 3, len(messages) // 2, len(messages) - 1):
         old_state, before = run(gens[previous], messages[:cut])
         _, after = run(gens[version], messages[cut:], up(gens, old_state, version))
@@ -266,9 +284,10 @@ def test_output_is_what_the_old_logic_alone_writes(gens, version, previous, star
     data=st.data(),
     start=st.sampled_from(STARTS),
     jump=st.sampled_from([None, 1700, 3900]),
+    late_video=st.sampled_from([None, 1200]),
 )
-def test_any_switch_points_up_and_down_the_chain_write_the_same_output(gens, data, start, jump):
-    messages = stream(5.0, *start, jump_at_ms=jump, reconfigure_at_ms=2600)
+def test_any_switch_points_up_and_down_the_chain_write_the_same_output(gens, data, start, jump, late_video):
+    messages = stream(5.0, *start, jump_at_ms=jump, reconfigure_at_ms=2600, late_video_ms=late_video)
     switches = 2 * (len(CHAIN) - 1)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(messages)), min_size=switches, max_size=switches)))
     _, alone = run(gens["1.0.0"], messages)
@@ -323,18 +342,53 @@ def test_rate_windows_hold_every_byte_once(gens):
     assert state.rate.keyframe_interval_ms == 1000
 
 
+def test_1_2_0_keeps_what_1_1_0_shows_and_adds_per_track_rates_and_the_keyframe_interval(gens):
+    seconds = 6.0
+    messages = stream(seconds, WRAP - 2500, end=False)
+    first, second = len(messages) // 4, len(messages) // 2
+    s11, _ = run(gens["1.1.0"], messages[first:second], up(gens, run(gens["1.0.0"], messages[:first])[0], "1.1.0"))
+    s12 = up(gens, s11, "1.2.0")
+    shown11, shown12 = gens["1.1.0"].describe(s11), gens["1.2.0"].describe(s12)
+    # The switch changes no figure: every 1.1.0 key, same value.
+    assert shown12 == {**shown11, "state_version": 3, **{k: shown12[k] for k in NEW_IN_1_2_0}}
+    assert shown11["bitrate_kbps"] > 0
+
+    s12, _ = run(gens["1.2.0"], messages[second:], s12)
+    shown = gens["1.2.0"].describe(s12)
+    assert set(NEW_IN_1_2_0) <= set(shown) and not set(NEW_IN_1_2_0) & set(shown11)
+    assert shown["bitrate_kbps"] == pytest.approx(fed_kbps(messages, seconds), rel=0.05)
+    assert shown["video_kbps"] == pytest.approx(fed_kbps(messages, seconds, "video"), rel=0.05)
+    assert shown["audio_kbps"] == pytest.approx(fed_kbps(messages, seconds, "audio"), rel=0.05)
+    assert abs(shown["fps"] - FPS) <= 1
+    assert shown["keyframe_interval_ms"] == 1000  # the GOP, across the wrap
+
+
+NEW_IN_1_2_0 = ("video_kbps", "audio_kbps", "keyframe_interval_ms")
+
+
 # -- migrations are exact -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("start, modulus", STARTS)
 def test_migrations_round_trip_at_every_point_of_a_stream(gens, start, modulus):
-    messages = stream(4.0, start, modulus, jump_at_ms=2100, reconfigure_at_ms=2900)
+    messages = stream(4.0, start, modulus, jump_at_ms=2100, reconfigure_at_ms=2900, late_video_ms=700)
     states = {v: states_at_every_point(gens[v], messages) for v in CHAIN}
+    assert states["1.0.0"][-1].health.dropped_frames > 0  # video before its config
     for index in range(len(messages) + 1):
-        s10, s11 = states["1.0.0"][index], states["1.1.0"][index]
+        s10, s11, s12 = (states[v][index] for v in CHAIN)
         assert down(gens, up(gens, s10, "1.1.0"), "1.1.0") == s10, index
+        assert down(gens, up(gens, s11, "1.2.0"), "1.2.0") == s11, index
+        assert up(gens, down(gens, s12, "1.2.0"), "1.2.0") == s12, index
         # 1.1.0 only adds: its state less the rate window is 1.0.0's, exactly.
         assert down(gens, s11, "1.1.0") == s10, index
+        # 1.2.0 only regroups: migrating commutes with handling messages, so a
+        # switched session is exactly one that ran 1.2.0 from the start...
+        assert up(gens, s11, "1.2.0") == s12, index
+        # ...and a 1.2.0 state goes down through 1.1.0 to 1.0.0's.
+        assert down(gens, down(gens, s12, "1.2.0"), "1.1.0") == s10, index
+        assert gens["1.2.0"].describe(s12) == {
+            **gens["1.1.0"].describe(s11), "state_version": 3, **{k: gens["1.2.0"].describe(s12)[k] for k in NEW_IN_1_2_0}
+        }
 
 
 def test_the_whole_chain_up_and_back_down_gives_the_original_state(gens):

@@ -28,16 +28,27 @@ class TrackClock(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Step between the last two output dts, used to continue across a jump."""
 
 
-class FrameCounts(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    video: int = 0
-    audio: int = 0
+class VideoCounters(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    frames: int = 0
     keyframes: int = 0
 
 
+class AudioCounters(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    frames: int = 0
+
+
+class TrackCounters(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Frames received, per track (received: dropped ones count too)."""
+
+    video: VideoCounters = msgspec.field(default_factory=VideoCounters)
+    audio: AudioCounters = msgspec.field(default_factory=AudioCounters)
+
+
 class Health(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    frames: FrameCounts = msgspec.field(default_factory=FrameCounts)
-    """Frames received per kind (1.2.0 groups what 1.1.0 kept as three fields)."""
+    tracks: TrackCounters = msgspec.field(default_factory=TrackCounters)
+    """Until 1.2.0 (state version 3): flat video_frames, audio_frames, keyframes."""
     bytes_in: int = 0
+    """All tracks: 1.0.0 never split it, so no per-track figure could be migrated."""
     segments: int = 0
     timestamp_jumps: int = 0
     """Publisher timestamp steps beyond the jump threshold, absorbed into the timeline."""
@@ -63,30 +74,38 @@ class Previews(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """End of the window being measured; -1 when none is."""
 
 
-class Window(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    start_ms: int = -1
-    """Output dts where the current window began; -1 before the first frame."""
-    bytes: int = 0
-    video_frames: int = 0
+class VideoRate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    window_bytes: int = 0
+    window_frames: int = 0
+    bitrate_bps: int = 0
+    """Of the last complete window."""
+    fps: float = 0.0
+    """Of the last complete window."""
+    last_keyframe_ms: int = -1
+    """Output dts of the last keyframe written; -1 before the first one."""
+    keyframe_interval_ms: int = 0
+    """Between the last two keyframes written."""
+
+
+class AudioRate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    window_bytes: int = 0
+    bitrate_bps: int = 0
+    """Of the last complete window: the stream's total less the video part, so
+    the two always add up to the total (as 1.1.0 computed and stored it)."""
 
 
 class Rates(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    bitrate_bps: int = 0
-    fps: float = 0.0
+    """Bitrate, frame rate and keyframe interval on the stream's own timeline.
 
+    One-second windows of output dts (logic has no clock) shared by both
+    tracks, counting the frames written to HLS only. 1.1.0 kept the same
+    figures flat as `rate`, with the total and its video part.
+    """
 
-class Throughput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Bitrate and frame rate over one-second windows of the stream's own timeline."""
-
-    window: Window = msgspec.field(default_factory=Window)
-    last: Rates = msgspec.field(default_factory=Rates)
-    """Of the last complete window."""
-
-
-class KeyframeClock(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    last_dts: int = -1
-    interval_ms: int = 0
-    """Between the last two keyframes: the publisher's GOP as received."""
+    window_start_ms: int = -1
+    """Output dts where the open window began; -1 before the first frame."""
+    video: VideoRate = msgspec.field(default_factory=VideoRate)
+    audio: AudioRate = msgspec.field(default_factory=AudioRate)
 
 
 class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,6 +131,6 @@ class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     audio: TrackClock = msgspec.field(default_factory=TrackClock)
     health: Health = msgspec.field(default_factory=Health)
     previews: Previews = msgspec.field(default_factory=Previews)
-    throughput: Throughput = msgspec.field(default_factory=Throughput)
-    keyframe_clock: KeyframeClock = msgspec.field(default_factory=KeyframeClock)
+    rates: Rates = msgspec.field(default_factory=Rates)
+    """`rate` in state version 2 (1.1.0), new there."""
     ended: bool = False

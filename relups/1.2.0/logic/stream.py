@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from . import previews, rate, segments, timestamps
+from . import previews, rates, segments, timestamps
 from .effects import CODEC, LOG, PACKET, SEGMENT_END, SEGMENT_START, STREAM_END
 from .state import Health, StreamState
 
@@ -58,14 +58,16 @@ def _media(
     new = copy.copy(state)
     health = new.health = copy.copy(state.health)
     health.bytes_in += len(data)
+    # Copied down to the counter that changes: the input state stays whole.
+    tracks = health.tracks = copy.copy(health.tracks)
     if track == "video":
-        frames = health.frames = copy.copy(state.health.frames)
-        frames.video += 1
+        video = tracks.video = copy.copy(tracks.video)
+        video.frames += 1
         if keyframe:
-            frames.keyframes += 1
+            video.keyframes += 1
     else:
-        frames = health.frames = copy.copy(state.health.frames)
-        frames.audio += 1
+        audio = tracks.audio = copy.copy(tracks.audio)
+        audio.frames += 1
 
     effects: list[Effect] = []
     if (state.video_config if track == "video" else state.audio_config) is None:
@@ -107,9 +109,7 @@ def _media(
         return new, effects
 
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
-    new.throughput = rate.add(new.throughput, dts, len(data), track == "video")
-    if keyframe:
-        new.keyframe_clock = rate.keyframe(new.keyframe_clock, dts)
+    new.rates = rates.on_packet(new.rates, dts, len(data), track == "video", keyframe)
     if track == "video":
         new.previews, more = previews.on_video(new.previews, dts, keyframe, data)
     else:
@@ -179,20 +179,25 @@ def _end(state: StreamState, reason: str) -> tuple[StreamState, list[Effect]]:
 def describe(state: StreamState) -> dict[str, Any]:
     """What status pages and the admin API show for a session (builtins only)."""
     health: Health = state.health
+    video_rate, audio_rate = state.rates.video, state.rates.audio
     return {
         "name": state.name,
         "state_version": state.version,
         "sequence": state.sequence,
         "tracks": segments.tracks_available(state),
-        "video_frames": health.frames.video,
-        "audio_frames": health.frames.audio,
-        "keyframes": health.frames.keyframes,
+        "video_frames": health.tracks.video.frames,
+        "audio_frames": health.tracks.audio.frames,
+        "keyframes": health.tracks.video.keyframes,
         "bytes_in": health.bytes_in,
         "segments": health.segments,
         "timestamp_jumps": health.timestamp_jumps,
         "dropped_frames": health.dropped_frames,
         "ended": state.ended,
-        "bitrate_kbps": round(state.throughput.last.bitrate_bps / 1000, 1),
-        "fps": state.throughput.last.fps,
-        "keyframe_interval_ms": state.keyframe_clock.interval_ms,
+        # Since 1.1.0: figures of the last complete one-second window, 0 before the first.
+        "bitrate_kbps": round((video_rate.bitrate_bps + audio_rate.bitrate_bps) / 1000, 1),
+        "fps": video_rate.fps,
+        # New in 1.2.0.
+        "video_kbps": round(video_rate.bitrate_bps / 1000, 1),
+        "audio_kbps": round(audio_rate.bitrate_bps / 1000, 1),
+        "keyframe_interval_ms": video_rate.keyframe_interval_ms,
     }
