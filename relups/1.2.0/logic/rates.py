@@ -20,13 +20,18 @@ WINDOW_MS = 1000
 
 def on_packet(rates: Rates, dts: int, size: int, video: bool, keyframe: bool) -> Rates:
     """The windows after a frame of `size` bytes was written at output `dts`."""
+    start = rates.window_start_ms
+    closing = start >= 0 and dts - start >= WINDOW_MS
+    # Copies of what changes only (the input state stays whole): this runs per frame.
     new = copy.copy(rates)
-    new.video, new.audio = copy.copy(rates.video), copy.copy(rates.audio)
-    span = dts - rates.window_start_ms
-    if rates.window_start_ms < 0:
+    if video or closing:
+        new.video = copy.copy(rates.video)
+    if closing or not video:
+        new.audio = copy.copy(rates.audio)
+    if start < 0:
         new.window_start_ms = dts
-    elif span >= WINDOW_MS:
-        _close(new, span)
+    elif closing:
+        _close(new, dts - start)
         new.window_start_ms = dts
     # A frame of the other track slightly behind the window start (interleaving
     # jitter) still counts in the open window: every byte is counted once.
@@ -44,6 +49,7 @@ def on_packet(rates: Rates, dts: int, size: int, video: bool, keyframe: bool) ->
 
 
 def _close(new: Rates, span: int) -> None:
+    """Turn the open window's counts into figures and empty it (on copies)."""
     video, audio = new.video, new.audio
     total_bps = (video.window_bytes + audio.window_bytes) * 8000 // span
     video.bitrate_bps = video.window_bytes * 8000 // span
