@@ -47,6 +47,38 @@ class AdminConfig(_Section):
     token: str = ""
 
 
+class WebRtcConfig(_Section):
+    """WHIP ingest (`POST /live/NAME/whip` on the HTTP listener)."""
+
+    enabled: bool = True
+    host_addresses: list[str] = []
+    """Addresses the peer connections gather host candidates on; empty: every
+    non-loopback address of the machine (aioice's default)."""
+    port_min: int = 0
+    port_max: int = 0
+    """UDP port range for peer connections (one port each); 0/0: ephemeral ports."""
+    advertise_hosts: list[str] = []
+    """Extra addresses put in the SDP answer beside each host candidate, same
+    port: the public address of a server behind a 1:1 NAT or port forwarding."""
+    media_timeout: float = 10.0
+    """Seconds without any media (or without ICE/DTLS connecting) before a
+    WHIP publish is ended (EXT-X-ENDLIST)."""
+    sync_wait: float = 3.0
+    """Seconds media is held at the start for the RTCP sender reports that line
+    audio and video up; without them, arrival times are used."""
+    keyframe_interval: float = 0.0
+    """Seconds between keyframe requests (PLI) when the publisher sends none by
+    itself; 0: the HLS segment target."""
+    aac_bitrate: int = 128000
+    vp8_transcode: bool = True
+    """Take VP8 (transcoded to H.264) from a publisher that offers no H.264."""
+    vp8_max_width: int = 1280
+    vp8_max_height: int = 720
+    vp8_max_fps: float = 30.0
+    vp8_preset: str = "veryfast"
+    vp8_bitrate: int = 2500000
+
+
 class HlsConfig(_Section):
     segment_target: float = 2.0
     """Seconds; a segment is cut on the first keyframe at or after this duration."""
@@ -123,6 +155,7 @@ class Config(_Section):
     log_format: Literal["text", "json"] = "text"
     rtmp: RtmpConfig = msgspec.field(default_factory=RtmpConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    webrtc: WebRtcConfig = msgspec.field(default_factory=WebRtcConfig)
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
     hls: HlsConfig = msgspec.field(default_factory=HlsConfig)
     publish: PublishConfig = msgspec.field(default_factory=PublishConfig)
@@ -167,6 +200,20 @@ def _check_ranges(config: Config, path: str | Path) -> None:
         ("relup.auto_revert_crashes", config.relup.auto_revert_crashes, config.relup.auto_revert_crashes >= 1),
         ("relup.auto_revert_window", config.relup.auto_revert_window, config.relup.auto_revert_window > 0),
         ("rtmp.mailbox_limit", config.rtmp.mailbox_limit, config.rtmp.mailbox_limit >= 1),
+        ("webrtc.port_min", config.webrtc.port_min, 0 <= config.webrtc.port_min <= 65535),
+        (
+            "webrtc.port_max",
+            config.webrtc.port_max,
+            config.webrtc.port_max == config.webrtc.port_min == 0
+            or 1 <= config.webrtc.port_min <= config.webrtc.port_max <= 65535,
+        ),
+        ("webrtc.media_timeout", config.webrtc.media_timeout, config.webrtc.media_timeout > 0),
+        ("webrtc.sync_wait", config.webrtc.sync_wait, 0 <= config.webrtc.sync_wait <= 30),
+        ("webrtc.keyframe_interval", config.webrtc.keyframe_interval, config.webrtc.keyframe_interval >= 0),
+        ("webrtc.aac_bitrate", config.webrtc.aac_bitrate, 32000 <= config.webrtc.aac_bitrate <= 512000),
+        ("webrtc.vp8_max_width", config.webrtc.vp8_max_width, 16 <= config.webrtc.vp8_max_width <= 7680),
+        ("webrtc.vp8_max_height", config.webrtc.vp8_max_height, 16 <= config.webrtc.vp8_max_height <= 4320),
+        ("webrtc.vp8_max_fps", config.webrtc.vp8_max_fps, 1 <= config.webrtc.vp8_max_fps <= 120),
         (
             "rtmp.max_message_size",
             config.rtmp.max_message_size,

@@ -62,3 +62,6 @@ def configure(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log is one line per segment request: too loud at info.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # ICE state changes per candidate pair: debugging detail, not operations.
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ from .runtime.streams import Streams
 from .transport.admin_server import AdminServer
 from .transport.http_server import HttpServer
 from .transport.rtmp_server import RtmpServer
+from .transport.whip_server import WhipServer
 
 log = logging.getLogger("mediaserver")
 
@@ -33,10 +34,13 @@ async def serve(config: Config) -> int:
     auth = PublishAuth(config.publish)
     rtmp_server = RtmpServer(config.rtmp, streams, auth, config.limits)
     metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
-    http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits, streams)
+    whip_server = WhipServer(config.webrtc, config.hls, streams, auth) if config.webrtc.enabled else None
+    http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits, streams, whip_server)
     admin_server = AdminServer(config.admin, code_server, load_or_create_token(config))
     await rtmp_server.start()
     await http_server.start()
+    if whip_server is not None:
+        whip_server.start()
     metrics.start()
     await admin_server.start()
     event(
@@ -62,6 +66,8 @@ async def serve(config: Config) -> int:
 
     event(log, logging.INFO, "shutting down: ending every stream")
     rtmp_server.stop_accepting()
+    if whip_server is not None:
+        await whip_server.close("server shutting down")
     streams.shutdown("server shutting down")
     await rtmp_server.close("server shutting down")
     await admin_server.close()

@@ -1,4 +1,4 @@
-"""The public HTTP listener: HLS playlists and segments, and /healthz.
+"""The public HTTP listener: HLS playlists and segments, WHIP, status, /healthz.
 
 Only names matching the stream-name pattern and the two file shapes the HLS
 writer produces are served, so no request can reach a file outside a
@@ -37,6 +37,7 @@ class HttpServer:
         metrics: Any = None,
         limits: LimitsConfig | None = None,
         streams: Any = None,
+        whip: Any = None,
     ) -> None:
         self.config = config
         self.streams = streams
@@ -47,6 +48,9 @@ class HttpServer:
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_page)
         static_files.add_routes(self.app, admin=False)
+        if whip is not None:
+            # Before the catch-all /live/{name}/{file} routes below.
+            whip.add_routes(self.app)
         self.app.router.add_get("/live/{name}/thumbnail.jpg", self.thumbnail)
         self.app.router.add_get("/live/{name}/status.json", self.stream_status)
         self.app.router.add_get("/status.json", self.all_status)

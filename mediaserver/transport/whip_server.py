@@ -1,0 +1,527 @@
+"""WHIP ingest (RFC 9725): a WebRTC publish becomes an ordinary session.
+
+`POST /live/NAME/whip` (application/sdp) creates a resource at
+`/live/NAME/whip/ID` and answers with aiortc's SDP; `DELETE` on it ends the
+publish. From there on a WHIP publish is what an RTMP one is to the rest of
+the server: the same `wire` messages into the same session (logic, HLS,
+supervision, relups). The peer connection lives here, in the transport, so a
+relup switches the session between two messages and never touches ICE, DTLS
+or SRTP.
+
+Per publish, media goes: aiortc receive thread (H.264 passed through, Opus ->
+AAC, VP8 -> H.264; transport/webrtc_decoders.py) -> track queue -> this
+module, which maps RTP time to the session's millisecond timeline
+(proto/rtp_clock.py, RTCP sender reports for A/V sync), turns Annex B into
+AVCC (proto/h264.py) and delivers. A timer asks for keyframes (PLI) when the
+publisher has sent none for a segment target and ends a publish whose media
+stopped.
+
+PATCH (trickle ICE, ICE restart) is not supported: the answer carries every
+candidate, and a PATCH gets 405, as RFC 9725 allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import RtcpSrPacket
+
+from .. import wire
+from ..auth import PublishAuth, PublishDenied
+from ..config import HlsConfig, WebRtcConfig
+from ..logsetup import event
+from ..proto import whip as whip_sdp
+from ..proto.errors import ProtocolError
+from ..proto.h264 import AccessUnits
+from ..proto.rtp_clock import StreamClock
+from ..runtime.streams import PublishRefused, Streams
+from . import webrtc_decoders
+from .ice_ports import NoFreePort, ice_connections, restrict_gathering
+from .rtmp_server import NAME_PATTERN
+
+log = logging.getLogger("mediaserver.whip")
+
+MASK32 = 0xFFFFFFFF
+TICK = 0.2
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Expose-Headers": "Location, Link, ETag, Accept-Patch",
+}
+
+
+def _error(status: int, reason: str, **headers: str) -> web.Response:
+    return web.Response(status=status, text=reason + "\n", headers={**CORS, **headers})
+
+
+def _rtp_origin(receiver: RTCRtpReceiver) -> int:
+    """The RTP timestamp aiortc counts this receiver's frame timestamps from."""
+    origin = receiver._RTCRtpReceiver__timestamp_mapper._origin  # type: ignore[attr-defined]
+    return origin or 0
+
+
+class WhipPublish:
+    """One WHIP resource: a peer connection feeding one session. The `Publisher` of its stream."""
+
+    def __init__(self, server: WhipServer, name: str, resource: str, client: str, pc: RTCPeerConnection) -> None:
+        self.server = server
+        self.name = name
+        self.resource = resource
+        self.client = client
+        self.pc = pc
+        self.session: Any = None
+        self.clock: StreamClock | None = None
+        self.units = AccessUnits()
+        self.held: list[tuple[Any, ...]] = []
+        self.frames_in = {"video": 0, "audio": 0}
+        self.received_bytes = 0
+        self.audio_config: bytes | None = None
+        self.video_config: bytes | None = None
+        self.consumers: list[asyncio.Task[Any]] = []
+        self.video_mode: str | None = None
+        self.receivers: dict[str, RTCRtpReceiver] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.created = time.monotonic()
+        self.connected_at: float | None = None
+        self.last_media = 0.0
+        self.last_keyframe = 0.0
+        self.last_pli = 0.0
+        self.plis_sent = 0
+        self.ended = False
+
+    @property
+    def bytes_in(self) -> int:
+        return self.received_bytes
+
+    # -- media ---------------------------------------------------------------
+
+    async def consume(self, kind: str, receiver: RTCRtpReceiver) -> None:
+        track = receiver.track
+        while True:
+            try:
+                item = await track.recv()
+            except MediaStreamError:
+                return
+            if self.ended:
+                return
+            try:
+                self._on_item(kind, receiver, item)
+            except Exception as exc:  # one bad frame must not end the consumer silently
+                event(log, logging.WARNING, "WHIP frame dropped", stream=self.name, reason=f"{type(exc).__name__}: {exc}")
+
+    def _on_item(self, kind: str, receiver: RTCRtpReceiver, item: Any) -> None:
+        now = time.time()
+        self.last_media = time.monotonic()
+        assert self.clock is not None
+        if isinstance(item, webrtc_decoders.VideoUnit):
+            self.received_bytes += item.received_bytes
+            if not item.data:
+                return
+            try:
+                unit = self.units.push(item.data)
+            except ProtocolError as exc:
+                event(log, logging.WARNING, "bad H.264 access unit dropped", stream=self.name, reason=str(exc))
+                return
+            if unit is None:
+                self._request_keyframe(force=True)
+                return
+            config, keyframe, avcc = unit
+            if keyframe:
+                self.last_keyframe = self.last_media
+            rtp = self.clock.frame("video", (item.rtp + _rtp_origin(receiver)) & MASK32, now)
+            self.held.append(("video", rtp, config, keyframe, avcc))
+        elif isinstance(item, webrtc_decoders.AacFrames):
+            self.received_bytes += item.received_bytes
+            origin = _rtp_origin(receiver)
+            for pts, data in item.frames:
+                rtp = self.clock.frame("audio", (pts + origin) & MASK32, now)
+                self.held.append(("audio", rtp, item.config, data))
+        elif isinstance(item, webrtc_decoders.ReceiveError):
+            event(log, logging.WARNING, "WHIP frame dropped", stream=self.name, track=kind, reason=item.reason)
+            return
+        else:
+            event(log, logging.WARNING, "unexpected frame from aiortc", stream=self.name, type=type(item).__name__)
+            return
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Deliver the held frames whose time on the stream's timeline is known."""
+        clock = self.clock
+        session = self.session
+        if clock is None or session is None or not self.held:
+            return
+        was_locked = clock.locked
+        if not clock.poll(now):
+            return
+        if not was_locked:
+            event(
+                log, logging.INFO, "WHIP timeline set",
+                stream=self.name,
+                sync=",".join(
+                    f"{kind}:{'rtcp' if track.report is not None else 'arrival'}"
+                    for kind, track in clock.tracks.items() if track.first_rtp is not None
+                ),
+                held=len(self.held),
+            )
+            self._deliver_first_configs()
+        delivered = 0
+        for item in self.held:
+            ms = clock.to_ms(item[0], item[1], now)
+            if ms is None:
+                break
+            delivered += 1
+            ts = max(ms, 0) & MASK32
+            if item[0] == "video":
+                _, _, config, keyframe, avcc = item
+                if config is not None and config != self.video_config:
+                    self.video_config = config
+                    session.deliver(wire.VideoConfig(data=config))
+                self.frames_in["video"] += 1
+                session.deliver(wire.Video(ts, 0, keyframe, avcc))
+            else:
+                _, _, config, data = item
+                if config != self.audio_config:
+                    self.audio_config = config
+                    session.deliver(wire.AudioConfig(data=config))
+                self.frames_in["audio"] += 1
+                session.deliver(wire.Audio(ts, data))
+        del self.held[:delivered]
+
+    def _deliver_first_configs(self) -> None:
+        """Both codec configs before any frame, as an RTMP publisher sends them.
+
+        Frames are held in arrival order; a video frame ahead of the first
+        audio one must not open a segment that has no audio track.
+        """
+        for item in self.held:
+            if item[0] == "video" and item[2] is not None and self.video_config is None:
+                self.video_config = item[2]
+                self.session.deliver(wire.VideoConfig(data=item[2]))
+            elif item[0] == "audio" and self.audio_config is None:
+                self.audio_config = item[2]
+                self.session.deliver(wire.AudioConfig(data=item[2]))
+
+    def on_sender_report(self, kind: str, packet: RtcpSrPacket) -> None:
+        if self.clock is not None:
+            info = packet.sender_info
+            self.clock.sender_report(kind, info.ntp_timestamp, info.rtp_timestamp, time.time())
+
+    # -- timer ---------------------------------------------------------------
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        self.flush(time.time())
+        timeout = self.server.config.media_timeout
+        if self.connected_at is None:
+            if now - self.created > timeout:
+                self.end(f"ICE/DTLS did not connect within {timeout:g} s", logging.WARNING)
+            return
+        if now - max(self.last_media, self.connected_at) > timeout:
+            self.end(f"no media for {timeout:g} s", logging.WARNING)
+            return
+        self._request_keyframe(force=False)
+
+    def _request_keyframe(self, force: bool) -> None:
+        """PLI when the publisher has sent no keyframe for a segment target (at most twice a second)."""
+        receiver = self.receivers.get("video")
+        if receiver is None or self.video_mode != whip_sdp.VIDEO_PASSTHROUGH:
+            return
+        now = time.monotonic()
+        if now - self.last_pli < 0.5:
+            return
+        if not force and now - max(self.last_keyframe, self.connected_at or now) < self.server.keyframe_interval:
+            return
+        sources = receiver.getSynchronizationSources()
+        if not sources:
+            return
+        self.last_pli = now
+        self.plis_sent += 1
+        for source in sources:
+            self._spawn(receiver._send_rtcp_pli(source.source))
+
+    # -- life ----------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def on_connection_state(self) -> None:
+        state = self.pc.connectionState
+        if state == "connected" and self.connected_at is None:
+            self.connected_at = time.monotonic()
+            event(log, logging.INFO, "WHIP connected", stream=self.name, client=self.client)
+            self._request_keyframe(force=True)
+        elif state == "failed":
+            self.end("ICE/DTLS failed", logging.WARNING)
+        elif state == "closed":
+            self.end("peer connection closed")
+
+    async def finish(self, reason: str) -> None:
+        """End after writing what aiortc still holds (the publisher is done, nothing more comes)."""
+        if self.ended:
+            return
+        for receiver in self.receivers.values():
+            webrtc_decoders.drain(receiver)
+        if self.consumers:
+            await asyncio.wait(self.consumers, timeout=2.0)
+        self.end(reason)
+
+    def disconnect(self, reason: str) -> None:
+        """Called by the streams registry (replaced, given up, shutdown)."""
+        self.end(reason)
+
+    def end(self, reason: str, level: int = logging.INFO) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        # Whatever was held for synchronisation is written rather than lost.
+        if self.clock is not None and self.held:
+            self.clock.sync_wait = 0.0
+            self.flush(time.time() + 3600)
+        self.server.forget(self)
+        if self.session is not None:
+            self.server.streams.unpublish(self.name, self.session, reason)
+            self.server.auth.notify_unpublish("webrtc", self.name, self.client, reason)
+        event(log, level, "WHIP publish ended", stream=self.name, client=self.client, reason=reason)
+        for task in [*self.tasks, *self.consumers]:
+            if task is not asyncio.current_task():
+                task.cancel()
+        asyncio.get_running_loop().create_task(self.pc.close())
+
+
+class WhipServer:
+    def __init__(self, config: WebRtcConfig, hls: HlsConfig, streams: Streams, auth: PublishAuth) -> None:
+        self.config = config
+        self.streams = streams
+        self.auth = auth
+        self.keyframe_interval = config.keyframe_interval or hls.segment_target
+        self.resources: dict[str, WhipPublish] = {}
+        self._timer: asyncio.Task[None] | None = None
+        webrtc_decoders.install(
+            webrtc_decoders.DecoderSettings(
+                aac_bitrate=config.aac_bitrate,
+                vp8_max_width=config.vp8_max_width,
+                vp8_max_height=config.vp8_max_height,
+                vp8_max_fps=config.vp8_max_fps,
+                vp8_preset=config.vp8_preset,
+                vp8_bitrate=config.vp8_bitrate,
+                keyframe_interval=self.keyframe_interval,
+            )
+        )
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/live/{name}/whip", self.post)
+        app.router.add_route("OPTIONS", "/live/{name}/whip", self.options)
+        app.router.add_delete("/live/{name}/whip/{resource}", self.delete)
+        app.router.add_patch("/live/{name}/whip/{resource}", self.patch)
+        app.router.add_route("OPTIONS", "/live/{name}/whip/{resource}", self.options)
+        for method in ("GET", "PUT"):
+            app.router.add_route(method, "/live/{name}/whip", self.not_allowed)
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            for publish in list(self.resources.values()):
+                try:
+                    publish.tick()
+                except Exception:
+                    log.exception("WHIP timer failed for stream %s", publish.name)
+
+    def forget(self, publish: WhipPublish) -> None:
+        if self.resources.get(publish.resource) is publish:
+            del self.resources[publish.resource]
+
+    async def close(self, reason: str) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        publishes = list(self.resources.values())
+        await asyncio.gather(*(p.finish(reason) for p in publishes), return_exceptions=True)
+        await asyncio.gather(*(p.pc.close() for p in publishes), return_exceptions=True)
+
+    # -- HTTP ----------------------------------------------------------------
+
+    async def options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+
+    async def not_allowed(self, request: web.Request) -> web.Response:
+        return _error(405, f"{request.method} is not allowed here; publish with POST and an SDP offer", Allow="POST, OPTIONS")
+
+    async def patch(self, request: web.Request) -> web.Response:
+        if request.match_info["resource"] not in self.resources:
+            return _error(404, "no such WHIP resource")
+        return _error(
+            405,
+            "trickle ICE and ICE restarts are not supported: the answer already carries every candidate",
+            Allow="DELETE, OPTIONS",
+        )
+
+    async def delete(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        publish = self.resources.get(request.match_info["resource"])
+        if publish is None or publish.name != name:
+            return _error(404, f"no WHIP resource {request.match_info['resource']!r} for stream {name!r}")
+        if self.auth.config.keys:
+            try:
+                self.auth.check_key(name, _bearer(request))
+            except PublishDenied as exc:
+                return _error(401, str(exc), **{"WWW-Authenticate": "Bearer"})
+        await publish.finish("publisher sent DELETE")
+        return web.Response(status=200, headers=CORS)
+
+    async def post(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        client = request.remote or "?"
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/sdp":
+            return _error(415, f"Content-Type must be application/sdp, not {content_type or 'missing'!r}")
+        if not NAME_PATTERN.fullmatch(name):
+            return _error(400, f"invalid stream name {name!r}")
+        try:
+            offer = (await request.read()).decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(400, "the SDP offer is not UTF-8")
+        try:
+            summary = whip_sdp.inspect_offer(offer, self.config.vp8_transcode)
+        except ProtocolError as exc:
+            event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=str(exc))
+            return _error(400, str(exc))
+        key = _bearer(request)
+        try:
+            self.auth.check_key(name, key)
+        except PublishDenied as exc:
+            event(log, logging.WARNING, "WHIP publish denied", stream=name, client=client, reason=str(exc))
+            return _error(401, str(exc), **{"WWW-Authenticate": "Bearer"})
+        if self.auth.config.webhook:
+            try:
+                await self.auth.authorize("webrtc", name, key, client)
+            except PublishDenied as exc:
+                event(log, logging.WARNING, "WHIP publish denied", stream=name, client=client, reason=str(exc))
+                return _error(403, str(exc))
+        return await self._start(name, client, offer, summary)
+
+    async def _start(self, name: str, client: str, offer: str, summary: whip_sdp.OfferSummary) -> web.Response:
+        resource = secrets.token_urlsafe(18)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        publish = WhipPublish(self, name, resource, client, pc)
+        publish.video_mode = summary.video_mode(self.config.vp8_transcode)
+        try:
+            self._add_transceivers(pc, summary, publish.video_mode)
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        except Exception as exc:
+            await pc.close()
+            event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=str(exc))
+            return _error(400, f"the SDP offer cannot be used: {exc}")
+        if self.config.host_addresses or self.config.port_min:
+            for connection in ice_connections(pc):
+                restrict_gathering(connection, self.config.host_addresses, self.config.port_min, self.config.port_max)
+        try:
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except NoFreePort as exc:
+            await pc.close()
+            event(log, logging.ERROR, "WHIP publish refused", stream=name, client=client, reason=str(exc))
+            return _error(503, str(exc))
+        except Exception as exc:
+            await pc.close()
+            event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=str(exc))
+            return _error(400, f"no answer can be made to this offer: {exc}")
+        kinds: dict[str, int] = {}
+        for transceiver in pc.getTransceivers():
+            if transceiver.receiver.track is None or transceiver.currentDirection in ("inactive", "sendonly"):
+                continue
+            kind = transceiver.kind
+            if kind in publish.receivers:
+                continue  # one track of each kind is ingested
+            publish.receivers[kind] = transceiver.receiver
+            kinds[kind] = 90000 if kind == "video" else 48000
+        if not kinds:
+            await pc.close()
+            return _error(400, "the offer has no track this server can receive")
+        try:
+            publish.session = self.streams.publish(name, publish, _ignore_backpressure)
+        except PublishRefused as exc:
+            await pc.close()
+            status = 409 if name in self.streams.live else 503
+            event(log, logging.WARNING, "WHIP publish refused", stream=name, client=client, reason=str(exc))
+            return _error(status, str(exc))
+        publish.clock = StreamClock(kinds, self.config.sync_wait)
+        self.resources[resource] = publish
+        pc.on("connectionstatechange", publish.on_connection_state)
+        for kind, receiver in publish.receivers.items():
+            self._hook_sender_reports(publish, kind, receiver)
+            task = asyncio.get_running_loop().create_task(publish.consume(kind, receiver))
+            publish.consumers.append(task)
+        event(
+            log, logging.INFO, "WHIP publish started",
+            stream=name, client=client, video=publish.video_mode or "none",
+            audio="opus->aac" if "audio" in kinds else "none",
+        )
+        location = f"/live/{name}/whip/{resource}"
+        return web.Response(
+            status=201,
+            text=whip_sdp.advertise_hosts(pc.localDescription.sdp, self.config.advertise_hosts),
+            headers={**CORS, "Content-Type": "application/sdp", "Location": location, "ETag": f'"{resource}"'},
+        )
+
+    def _add_transceivers(self, pc: RTCPeerConnection, summary: whip_sdp.OfferSummary, video_mode: str | None) -> None:
+        """recvonly transceivers whose codec preferences make aiortc answer H.264 (else VP8) and Opus."""
+        for section in summary.media:
+            if section.kind == "video":
+                transceiver = pc.addTransceiver("video", direction="recvonly")
+                wanted = ["video/h264"] if video_mode == whip_sdp.VIDEO_PASSTHROUGH else ["video/vp8"]
+                codecs = RTCRtpReceiver.getCapabilities("video").codecs
+                transceiver.setCodecPreferences(
+                    [c for c in codecs if c.mimeType.lower() in wanted]
+                    + [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+                )
+            elif section.kind == "audio":
+                transceiver = pc.addTransceiver("audio", direction="recvonly")
+                codecs = RTCRtpReceiver.getCapabilities("audio").codecs
+                transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() == "audio/opus"])
+
+    @staticmethod
+    def _hook_sender_reports(publish: WhipPublish, kind: str, receiver: RTCRtpReceiver) -> None:
+        handle = receiver._handle_rtcp_packet
+
+        async def handle_rtcp(packet: Any) -> None:
+            if isinstance(packet, RtcpSrPacket):
+                publish.on_sender_report(kind, packet)
+            await handle(packet)
+
+        receiver._handle_rtcp_packet = handle_rtcp  # type: ignore[method-assign]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p.name,
+                "client": p.client,
+                "state": p.pc.connectionState,
+                "video": p.video_mode,
+                "frames": dict(p.frames_in),
+                "plis_sent": p.plis_sent,
+                "held": len(p.held),
+            }
+            for p in self.resources.values()
+        ]
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _ignore_backpressure(pause: bool) -> None:
+    """UDP cannot be paused: the session's mailbox holds what comes meanwhile."""

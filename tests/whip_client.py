@@ -1,0 +1,216 @@
+"""A WHIP publisher built on aiortc that sends pre-encoded packets from a file.
+
+The packets go out as they are in the file (aiortc's encoders `pack` them
+into RTP without re-encoding), paced by their timestamps, so the server's HLS
+output can be compared packet by packet against the file. Used by the tests
+(in-process or as a subprocess) and by benchmarks/whip_ingest.py.
+
+    python tests/whip_client.py URL FILE [--token T] [--video-codec h264|vp8] [--loop] [--duration S]
+
+ICE gathers on 127.0.0.1 only (the tests stay on loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import json
+import sys
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import av
+from aioice import ice as aioice_ice
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+
+def loopback_only() -> None:
+    aioice_ice.get_host_addresses = lambda use_ipv4=True, use_ipv6=True: ["127.0.0.1"]
+
+
+@dataclass
+class FilePackets:
+    """Every packet of one stream of a file, in decode order, as (pts seconds, av.Packet)."""
+
+    kind: str
+    codec: str
+    packets: list[av.Packet]
+    time_base: fractions.Fraction
+    duration: float
+
+
+def read_packets(path: Path) -> dict[str, FilePackets]:
+    out: dict[str, FilePackets] = {}
+    with av.open(str(path)) as container:
+        streams = {s.index: s for s in container.streams if s.type in ("video", "audio")}
+        packets: dict[int, list[av.Packet]] = {i: [] for i in streams}
+        for packet in container.demux(*streams.values()):
+            if packet.size and packet.pts is not None:
+                packets[packet.stream.index].append(packet)
+        for index, stream in streams.items():
+            items = packets[index]
+            first = items[0].pts
+            for p in items:
+                p.pts -= first
+                p.dts = p.pts
+            tb = stream.time_base
+            duration = float((items[-1].pts - items[0].pts) * tb) if items else 0.0
+            out[stream.type] = FilePackets(stream.type, stream.codec_context.name, items, tb, duration)
+    return out
+
+
+class PacketTrack(MediaStreamTrack):
+    """Yields a file's packets in real time (optionally looping, timestamps going on)."""
+
+    def __init__(self, source: FilePackets, start: asyncio.Future, loop: bool, stop_after: float | None) -> None:
+        super().__init__()
+        self.kind = source.kind
+        self.source = source
+        self.start = start
+        self.loop = loop
+        self.stop_after = stop_after
+        self.index = 0
+        self.offset = 0
+        self.sent = 0
+        self.sent_bytes = 0
+        period = source.duration
+        if source.packets:
+            p = source.packets
+            step = (p[-1].pts - p[0].pts) / max(1, len(p) - 1)
+            period = float((p[-1].pts + step) * source.time_base)
+        self.period = period
+
+    async def recv(self) -> av.Packet:
+        packets = self.source.packets
+        if self.index >= len(packets):
+            if not self.loop:
+                self.stop()
+                raise MediaStreamError
+            self.index = 0
+            self.offset += round(self.period / self.source.time_base)
+        template = packets[self.index]
+        self.index += 1
+        pts = template.pts + self.offset
+        seconds = float(pts * self.source.time_base)
+        if self.stop_after is not None and seconds >= self.stop_after:
+            self.stop()
+            raise MediaStreamError
+        t0 = await self.start
+        delay = t0 + seconds - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        packet = av.Packet(bytes(template))
+        packet.pts = pts
+        packet.dts = pts
+        packet.time_base = self.source.time_base
+        self.sent += 1
+        self.sent_bytes += packet.size
+        return packet
+
+
+@dataclass
+class WhipResult:
+    status: int
+    location: str | None = None
+    body: str = ""
+    sent: dict[str, int] = field(default_factory=dict)
+    delete_status: int | None = None
+
+
+async def publish(
+    url: str,
+    path: Path,
+    *,
+    token: str = "",
+    video_codec: str = "h264",
+    loop: bool = False,
+    duration: float | None = None,
+    send_delete: bool = True,
+    on_started=None,
+) -> WhipResult:
+    """Publish `path` over WHIP to `url` until the file (or `duration`) ends; DELETE at the end."""
+    sources = read_packets(path)
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    start: asyncio.Future = asyncio.get_running_loop().create_future()
+    tracks: dict[str, PacketTrack] = {}
+    for kind, source in sources.items():
+        track = PacketTrack(source, start, loop, duration)
+        tracks[kind] = track
+        transceiver = pc.addTransceiver(track, direction="sendonly")
+        if kind == "video":
+            mime = "video/h264" if video_codec == "h264" else "video/vp8"
+            codecs = RTCRtpSender.getCapabilities("video").codecs
+            transceiver.setCodecPreferences([c for c in codecs if c.mimeType.lower() == mime])
+    await pc.setLocalDescription(await pc.createOffer())
+    headers = {"Content-Type": "application/sdp"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    connected = asyncio.Event()
+
+    @pc.on("connectionstatechange")
+    def _state() -> None:
+        if pc.connectionState == "connected":
+            connected.set()
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=pc.localDescription.sdp, headers=headers) as response:
+            body = await response.text()
+            result = WhipResult(response.status, response.headers.get("Location"), body)
+        if response.status != 201:
+            await pc.close()
+            return result
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        await asyncio.wait_for(connected.wait(), 15)
+        start.set_result(time.monotonic() + 0.2)
+        if on_started is not None:
+            on_started(result)
+        ends = [asyncio.ensure_future(_ended(t)) for t in tracks.values()]
+        await asyncio.gather(*ends)
+        # The last frames need a moment on the wire before the resource goes.
+        await asyncio.sleep(0.5)
+        result.sent = {kind: t.sent for kind, t in tracks.items()}
+        if send_delete and result.location:
+            resource = urllib.parse.urljoin(url, result.location)
+            async with http.delete(resource, headers={"Authorization": f"Bearer {token}"} if token else {}) as r:
+                result.delete_status = r.status
+    await pc.close()
+    return result
+
+
+async def _ended(track: PacketTrack) -> None:
+    ended = asyncio.Event()
+    track.on("ended", ended.set)
+    if track.readyState == "ended":
+        return
+    await ended.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("url")
+    parser.add_argument("file", type=Path)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--video-codec", default="h264", choices=["h264", "vp8"])
+    parser.add_argument("--loop", action="store_true")
+    parser.add_argument("--duration", type=float, default=None)
+    args = parser.parse_args()
+    loopback_only()
+    result = asyncio.run(
+        publish(
+            args.url, args.file, token=args.token, video_codec=args.video_codec,
+            loop=args.loop, duration=args.duration,
+            on_started=lambda r: print("started", flush=True),
+        )
+    )
+    print(json.dumps({"status": result.status, "location": result.location, "sent": result.sent,
+                      "delete_status": result.delete_status, "body": result.body[:500]}), flush=True)
+    return 0 if result.status == 201 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
