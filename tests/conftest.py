@@ -25,6 +25,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "rtmp": {"host": "127.0.0.1", "handshake_timeout": 10.0, "idle_timeout": 30.0},
     "http": {"host": "127.0.0.1"},
     "admin": {"host": "127.0.0.1"},
+    # WHIP peer connections gather on loopback only (aioice skips it by default).
+    "webrtc": {"host_addresses": ["127.0.0.1"]},
     # 20 segments: a whole test clip (or two) stays in the live window, so the
     # final playlist holds every frame that was published.
     "hls": {"segment_target": 2.0, "playlist_size": 20},
