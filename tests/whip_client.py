@@ -168,7 +168,9 @@ async def publish(
         await asyncio.wait_for(connected.wait(), 15)
         start.set_result(time.monotonic() + 0.2)
         if on_started is not None:
-            on_started(result)
+            started = on_started(result)
+            if asyncio.iscoroutine(started):
+                await started
         ends = [asyncio.ensure_future(_ended(t)) for t in tracks.values()]
         await asyncio.gather(*ends)
         # The last frames need a moment on the wire before the resource goes.

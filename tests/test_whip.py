@@ -1,0 +1,398 @@
+"""WHIP ingest end to end, with aiortc as the publisher (tests/whip_client.py).
+
+The publisher sends a file's own H.264 and Opus packets (no re-encode on its
+side), so the HLS output is compared against the file packet by packet: H.264
+is passed through untouched, Opus arrives as AAC covering the same time, and
+audio is in sync with video (a white flash and a beep at every second of the
+clip, found again by decoding the output).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+
+from media import (
+    FFMPEG,
+    SMALL,
+    assert_exact,
+    compared_nals,
+    demux_segment,
+    read_hls,
+    split_annexb,
+    wait_for_endlist,
+    wait_proc,
+)
+from test_relup_live import api, relups_dir
+import whip_client
+
+TESTS = Path(__file__).resolve().parent
+WHIP_CLIENT = TESTS / "whip_client.py"
+
+whip_client.loopback_only()
+
+
+# -- clips -------------------------------------------------------------------
+
+
+def _encode(path: Path, args: list[str]) -> Path:
+    if not path.exists():
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.part{path.suffix}")
+        subprocess.run([FFMPEG, "-hide_banner", "-nostdin", "-v", "error", "-y", *args, str(tmp)], check=True, timeout=120)
+        tmp.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flash_clip(clips) -> Path:
+    """8 s, 320x240 at 30 fps: white frame + 1 kHz beep (100 ms) at every whole second, black/silent otherwise.
+
+    H.264 constrained baseline without B-frames (what WebRTC carries), a
+    keyframe every second; Opus stereo at 48 kHz; MPEG-TS (Annex B).
+    """
+    video = (
+        "color=c=black:s=320x240:r=30:d=8,"
+        "drawbox=x=0:y=0:w=iw:h=ih:color=white:t=fill:enable='lt(mod(t,1),0.02)'"
+    )
+    audio = "sine=frequency=1000:sample_rate=48000:duration=8,volume=volume=0:enable='gte(mod(t,1),0.1)'"
+    return _encode(
+        clips.root / "whip-flash.ts",
+        ["-f", "lavfi", "-i", video, "-f", "lavfi", "-i", audio,
+         "-c:v", "libx264", "-profile:v", "baseline", "-bf", "0", "-g", "30", "-keyint_min", "30",
+         "-sc_threshold", "0", "-pix_fmt", "yuv420p",
+         "-c:a", "libopus", "-b:a", "96k", "-ac", "2", "-f", "mpegts"],
+    )
+
+
+@pytest.fixture(scope="session")
+def motion_clip(clips) -> Path:
+    """6 s of testsrc2 at 640x360/30 fps, H.264 baseline (keyframe every 2 s) + Opus, MPEG-TS."""
+    return _encode(
+        clips.root / "whip-motion.ts",
+        ["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=6",
+         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=6",
+         "-c:v", "libx264", "-profile:v", "baseline", "-bf", "0", "-g", "60", "-keyint_min", "60",
+         "-sc_threshold", "0", "-pix_fmt", "yuv420p", "-c:a", "libopus", "-b:a", "64k", "-ac", "2", "-f", "mpegts"],
+    )
+
+
+@pytest.fixture(scope="session")
+def vp8_clip(clips) -> Path:
+    """6 s of testsrc2 at 640x360/30 fps in VP8 + Opus (WebM)."""
+    return _encode(
+        clips.root / "whip-vp8.webm",
+        ["-f", "lavfi", "-i", "testsrc2=size=640x360:rate=30:duration=6",
+         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000:duration=6",
+         "-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8", "-b:v", "1M", "-g", "60",
+         "-c:a", "libopus", "-b:a", "64k", "-ac", "2", "-f", "webm"],
+    )
+
+
+def file_video_payloads(path: Path) -> list[tuple]:
+    with av.open(str(path)) as container:
+        return [compared_nals(split_annexb(bytes(p))) for p in container.demux(container.streams.video[0]) if p.size]
+
+
+def hls_frames(url: str):
+    out = read_hls(url)
+    video, audio = [], []
+    for segment in out.segments:
+        v, a = demux_segment(segment.data, segment.seq, segment.uri)
+        video += v
+        audio += a
+    return out, video, audio
+
+
+def whip_url(server, name: str) -> str:
+    return server.http_url(f"/live/{name}/whip")
+
+
+def publish(server, name: str, clip: Path, **kwargs) -> whip_client.WhipResult:
+    return asyncio.run(whip_client.publish(whip_url(server, name), clip, **kwargs))
+
+
+# -- the media path ----------------------------------------------------------
+
+
+def test_aiortc_h264_passed_through_and_audio_in_sync(server, flash_clip):
+    result = publish(server, "cam", flash_clip)
+    assert result.status == 201, result.body
+    assert result.location and result.location.startswith("/live/cam/whip/")
+    assert result.delete_status == 200
+    wait_for_endlist(server.hls_url("cam"), 10)
+    out, video, audio = hls_frames(server.hls_url("cam"))
+
+    # Every published H.264 access unit, in order, byte for byte (parameter
+    # sets and AUDs aside, as for RTMP), on a continuous 30 fps timeline.
+    sent = file_video_payloads(flash_clip)
+    assert result.sent["video"] == len(sent) == 240
+    assert [f.payload for f in video] == sent
+    steps = np.diff([f.dts for f in video])
+    assert steps.min() >= 2900 and steps.max() <= 3100, sorted(set(steps.tolist()))
+    assert all(s.duration <= 2.0 + 1.0 + 0.05 for s in out.segments)
+
+    # AAC covers the published audio: 8 s of Opus = 375 AAC frames, give or take the encoder's delay.
+    assert 372 <= len(audio) <= 377, len(audio)
+    audio_steps = np.diff([f.dts for f in audio])
+    assert audio_steps.min() >= 1800 and audio_steps.max() <= 2000
+
+    flashes, beeps = flash_and_beep_times(b"".join(s.data for s in out.segments))
+    assert len(flashes) == 8, flashes
+    assert len(beeps) == 8, beeps
+    offsets = [min(beeps, key=lambda b: abs(b - f)) - f for f in flashes]
+    assert all(abs(o) <= 0.040 for o in offsets), f"audio - video per second (s): {offsets}"
+    server.assert_no_tracebacks()
+
+
+def flash_and_beep_times(ts: bytes) -> tuple[list[float], list[float]]:
+    """Times (s, output timeline) of white frames and of beep onsets, decoded from MPEG-TS."""
+    flashes: list[float] = []
+    with av.open(io.BytesIO(ts), format="mpegts") as container:
+        for frame in container.decode(container.streams.video[0]):
+            luma = frame.to_ndarray(format="gray")
+            if luma.mean() > 128:
+                flashes.append(float(frame.pts * frame.time_base))
+    chunks: list[np.ndarray] = []
+    start = None
+    with av.open(io.BytesIO(ts), format="mpegts") as container:
+        stream = container.streams.audio[0]
+        for frame in container.decode(stream):
+            if start is None:
+                start = float(frame.pts * frame.time_base)
+            chunks.append(frame.to_ndarray()[0])
+    samples = np.concatenate(chunks)
+    rate = 48000
+    window = rate // 200  # 5 ms
+    rms = np.sqrt(np.mean(samples[: len(samples) // window * window].reshape(-1, window) ** 2, axis=1))
+    loud = rms > 0.1 * rms.max()
+    beeps = []
+    quiet_for = 100
+    for i, on in enumerate(loud):
+        if on and quiet_for >= 40:  # 200 ms of quiet before an onset
+            beeps.append(start + i * window / rate)
+        quiet_for = 0 if on else quiet_for + 1
+    return flashes, beeps
+
+
+def test_vp8_publisher_is_transcoded_to_h264(server, vp8_clip):
+    result = publish(server, "vp8cam", vp8_clip, video_codec="vp8")
+    assert result.status == 201, result.body
+    wait_for_endlist(server.hls_url("vp8cam"), 10)
+    assert server.log_lines("WHIP publish started.*stream=vp8cam.*video=vp8")
+    out, video, audio = hls_frames(server.hls_url("vp8cam"))
+    params: dict = {}
+    demux_segment(out.segments[0].data, params=params)
+    assert params["video"] == ("h264", 640, 360)
+    assert params["audio"][0] == "aac"
+    assert abs(len(video) - result.sent["video"]) <= 1, (len(video), result.sent)
+    keyframes = [f.dts / 90000 for f in video if f.keyframe]
+    assert max(np.diff(keyframes)) <= 2.1, keyframes
+    assert all(s.duration <= 2.0 + 2.0 + 0.05 for s in out.segments)
+    assert 275 <= len(audio) <= 283
+
+
+# -- HTTP contract and errors ------------------------------------------------
+
+
+SDP_AV1_ONLY = (
+    "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n"
+    "m=video 9 UDP/TLS/RTP/SAVPF 45\r\nc=IN IP4 0.0.0.0\r\na=sendonly\r\na=mid:0\r\n"
+    "a=rtpmap:45 AV1/90000\r\n"
+)
+
+
+async def _http(method: str, url: str, body: str | None = None, headers: dict | None = None):
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, url, data=body, headers=headers or {}) as response:
+            return response.status, dict(response.headers), await response.text()
+
+
+def http(method: str, url: str, body: str | None = None, headers: dict | None = None):
+    return asyncio.run(_http(method, url, body, headers))
+
+
+def test_bad_requests_get_clear_errors_and_other_streams_go_on(server, clips, ffmpeg_publisher, motion_clip):
+    rtmp = ffmpeg_publisher(clips.path(SMALL), server.rtmp_url("steady"))
+    server.wait_for_log("publish started.*stream=steady")
+    url = whip_url(server, "bad")
+    sdp = {"Content-Type": "application/sdp"}
+
+    status, headers, text = http("POST", url, "v=0\r\n", {"Content-Type": "text/plain"})
+    assert status == 415 and "application/sdp" in text
+    status, _, text = http("POST", url, "hello", sdp)
+    assert status == 400 and "v=0" in text
+    status, _, text = http("POST", url, SDP_AV1_ONLY, sdp)
+    assert status == 400 and "AV1" in text.upper() and "H264" in text
+    status, _, text = http("POST", whip_url(server, "bad%20name"), SDP_AV1_ONLY, sdp)
+    assert status == 400 and "invalid stream name" in text
+    status, headers, _ = http("OPTIONS", url)
+    assert status == 204 and headers["Accept-Post"] == "application/sdp"
+    assert "POST" in headers["Access-Control-Allow-Methods"] and "Location" in headers["Access-Control-Expose-Headers"]
+    status, _, text = http("DELETE", url + "/nosuchresource")
+    assert status == 404
+
+    # The RTMP stream's name is taken: a WHIP publish to it is a conflict.
+    result = publish(server, "steady", motion_clip)
+    assert result.status == 409 and "already being published" in result.body
+
+    # A live WHIP resource: PATCH is refused (no trickle), DELETE through another name is 404.
+    seen: dict = {}
+
+    async def probe(started: whip_client.WhipResult) -> None:
+        resource = urllib.parse.urljoin(whip_url(server, "good"), started.location)
+        foreign = resource.replace("/live/good/", "/live/steady/")
+        seen["patch"] = await _http("PATCH", resource, "a=end-of-candidates\r\n", {"Content-Type": "application/trickle-ice-sdpfrag"})
+        seen["foreign"] = await _http("DELETE", foreign)
+
+    result = asyncio.run(whip_client.publish(whip_url(server, "good"), motion_clip, on_started=probe, duration=3.0))
+    assert result.status == 201 and result.delete_status == 200
+    assert seen["patch"][0] == 405 and "trickle" in seen["patch"][2] and seen["patch"][1]["Allow"] == "DELETE, OPTIONS"
+    assert seen["foreign"][0] == 404
+    wait_for_endlist(server.hls_url("good"), 10)
+    _, video, _ = hls_frames(server.hls_url("good"))
+    assert [f.payload for f in video] == file_video_payloads(motion_clip)[: len(video)] and len(video) >= 85
+
+    assert wait_proc(rtmp, 60) == 0
+    wait_for_endlist(server.hls_url("steady"), 10)
+    assert_exact(clips.get(SMALL), read_hls(server.hls_url("steady")).segments, segment_target=2.0, label="steady")
+    assert server.log_lines("WHIP offer refused.*no usable video codec")
+    server.assert_no_tracebacks()
+
+
+def test_stream_key_is_the_bearer_token(server_factory, motion_clip):
+    server = server_factory(publish={"keys": [{"name": "cam*", "key": "s3cret"}]})
+    for token in ("", "wrong"):
+        result = publish(server, "cam1", motion_clip, token=token, duration=1.0)
+        assert result.status == 401 and "stream key" in result.body
+    seen: dict = {}
+
+    async def try_delete_without_token(started: whip_client.WhipResult) -> None:
+        seen["delete"] = await _http("DELETE", urllib.parse.urljoin(whip_url(server, "cam1"), started.location))
+
+    result = publish(server, "cam1", motion_clip, token="s3cret", duration=2.0, on_started=try_delete_without_token)
+    assert result.status == 201 and result.delete_status == 200
+    assert seen["delete"][0] == 401
+    wait_for_endlist(server.hls_url("cam1"), 10)
+    assert len(server.log_lines("WHIP publish denied")) == 2
+
+
+def test_silent_publisher_is_ended_with_endlist(server_factory, motion_clip):
+    server = server_factory(webrtc={"host_addresses": ["127.0.0.1"], "media_timeout": 2.0})
+    proc = subprocess.Popen(
+        [sys.executable, str(WHIP_CLIENT), whip_url(server, "gone"), str(motion_clip), "--loop"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        time.sleep(3.0)
+        os.killpg(proc.pid, signal.SIGKILL)  # no DELETE, no RTCP BYE: the media just stops
+        killed_at = time.monotonic()
+        wait_for_endlist(server.hls_url("gone"), 8)
+        assert time.monotonic() - killed_at < 6
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert server.log_lines("WHIP publish ended.*stream=gone.*no media for 2 s")
+    out, video, _ = hls_frames(server.hls_url("gone"))
+    assert len(video) >= 60
+    server.assert_no_tracebacks()
+
+
+def _free_udp_range(size: int) -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + size > 65535:
+            continue
+        free = True
+        for port in range(base, base + size):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return base
+    raise RuntimeError("no free UDP port range")
+
+
+def test_udp_port_range_and_advertised_host(server_factory, motion_clip):
+    base = _free_udp_range(4)
+    server = server_factory(
+        webrtc={"host_addresses": ["127.0.0.1"], "port_min": base, "port_max": base + 1, "advertise_hosts": ["203.0.113.7"]}
+    )
+    answers: list[str] = []
+
+    def keep(started: whip_client.WhipResult) -> None:
+        answers.append(started.body)
+
+    result = publish(server, "ranged", motion_clip, duration=2.0, on_started=keep)
+    assert result.status == 201
+    candidates = [line for line in answers[0].splitlines() if line.startswith("a=candidate:")]
+    ports = {int(line.split()[5]) for line in candidates}
+    hosts = {line.split()[4] for line in candidates}
+    assert hosts == {"127.0.0.1", "203.0.113.7"}, candidates
+    assert len(ports) == 1 and base <= ports.pop() <= base + 1, candidates
+    wait_for_endlist(server.hls_url("ranged"), 10)
+    _, video, _ = hls_frames(server.hls_url("ranged"))
+    assert len(video) >= 55
+
+
+# -- relups ------------------------------------------------------------------
+
+
+def test_relup_while_whip_and_rtmp_publish(server_factory, clips, ffmpeg_publisher, flash_clip, tmp_path):
+    from test_relup_live import LONG
+
+    server = server_factory(relup={"directory": str(relups_dir(tmp_path))})
+    rtmp = ffmpeg_publisher(clips.path(LONG), server.rtmp_url("rtmpcam"))
+    server.wait_for_log("publish started.*stream=rtmpcam")
+    results: list = []
+
+    def relups(started: whip_client.WhipResult) -> None:
+        results.append(started)
+
+    async def run() -> whip_client.WhipResult:
+        task = asyncio.ensure_future(whip_client.publish(whip_url(server, "whipcam"), flash_clip, on_started=relups))
+        while not results:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)
+        status, report = await asyncio.to_thread(api, server, "POST", "/api/v1/relup", {"path": "1.1.0"})
+        assert status == 200 and report["ok"], report
+        await asyncio.sleep(2.0)
+        status, body = await asyncio.to_thread(api, server, "GET", "/api/v1/status")
+        sessions = {s["name"]: s for s in body["sessions"]}
+        assert sessions["whipcam"]["version"] == "1.1.0" and sessions["whipcam"]["fps"] > 20, sessions
+        status, report = await asyncio.to_thread(api, server, "POST", "/api/v1/revert", {})
+        assert status == 200 and report["ok"], report
+        return await task
+
+    result = asyncio.run(run())
+    assert result.status == 201 and result.delete_status == 200
+    wait_for_endlist(server.hls_url("whipcam"), 10)
+    _, video, audio = hls_frames(server.hls_url("whipcam"))
+    assert [f.payload for f in video] == file_video_payloads(flash_clip)
+    assert 372 <= len(audio) <= 377
+    assert len(server.log_lines("WHIP connected.*stream=whipcam")) == 1
+
+    assert wait_proc(rtmp, 60) == 0
+    wait_for_endlist(server.hls_url("rtmpcam"), 10)
+    assert_exact(clips.get(LONG), read_hls(server.hls_url("rtmpcam")).segments, segment_target=2.0, label="rtmpcam")
+    server.assert_no_tracebacks()
