@@ -1,0 +1,74 @@
+"""The aiortc/aioice internals the WHIP server reaches into still exist.
+
+aiortc and aioice are pinned (pyproject.toml), but a new release inside the
+pin, or a bump of the pin, could rename a private attribute: the server would
+then fail at the first publish, far from the cause. These checks name every
+internal used (mediaserver/transport/webrtc_decoders.py, whip_server.py,
+ice_ports.py) on real objects of the installed versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+from aioice import ice as aioice
+from aiortc import RTCPeerConnection, rtcrtpreceiver
+from aiortc.jitterbuffer import JitterBuffer
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+
+from mediaserver.transport import ice_ports, webrtc_decoders
+
+
+def test_receiver_thread_looks_up_the_decoder_in_its_module():
+    # install() replaces this module attribute; the receive thread must call
+    # it by that name, or the replacement would never be used.
+    assert callable(rtcrtpreceiver.get_decoder)
+    worker = inspect.getsource(rtcrtpreceiver.decoder_worker)
+    assert "decoder = get_decoder(codec)" in worker
+
+
+def test_receiver_private_attributes():
+    async def check() -> None:
+        pc = RTCPeerConnection()
+        try:
+            receiver = pc.addTransceiver("video", direction="recvonly").receiver
+            assert isinstance(receiver, RTCRtpReceiver)
+            for name in ("timestamp_mapper", "jitter_buffer", "decoder_queue", "decoder_thread", "codecs"):
+                assert hasattr(receiver, "_RTCRtpReceiver__" + name), name
+            assert hasattr(receiver._RTCRtpReceiver__timestamp_mapper, "_origin")
+            assert callable(receiver._RTCRtpReceiver__timestamp_mapper.map)
+            assert inspect.iscoroutinefunction(receiver._handle_rtcp_packet)
+            connection = receiver.transport.transport.iceGatherer._connection
+            assert isinstance(connection, aioice.Connection)
+            assert ice_ports.ice_connections(pc) == [connection]
+            for name in ("_local_candidates_start", "_local_candidates_end", "_protocols", "_local_candidates"):
+                assert hasattr(connection, name), name
+            assert inspect.iscoroutinefunction(connection.gather_candidates)
+        finally:
+            await pc.close()
+
+    asyncio.run(check())
+
+
+def test_jitter_buffer_internals_used_by_drain():
+    buffer = JitterBuffer(capacity=16)
+    for name in ("_origin", "_packets", "capacity", "remove"):
+        assert hasattr(buffer, name), name
+    assert buffer._origin is None and len(buffer._packets) == buffer.capacity == 16
+
+
+def test_install_replaces_the_decoder_lookup():
+    webrtc_decoders.install(webrtc_decoders.DecoderSettings())
+    assert rtcrtpreceiver.get_decoder is webrtc_decoders.get_decoder
+
+    class Codec:
+        def __init__(self, mime: str) -> None:
+            self.mimeType = mime
+            self.clockRate = 90000 if mime.startswith("video") else 48000
+            self.channels = None if mime.startswith("video") else 2
+            self.parameters = {}
+
+    assert isinstance(webrtc_decoders.get_decoder(Codec("video/H264")), webrtc_decoders.H264Passthrough)
+    assert isinstance(webrtc_decoders.get_decoder(Codec("audio/opus")), webrtc_decoders.OpusToAacDecoder)
+    assert isinstance(webrtc_decoders.get_decoder(Codec("video/VP8")), webrtc_decoders.Vp8ToH264Decoder)
