@@ -113,8 +113,14 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        return asyncio.run(server.serve(config))
-    return uvloop.run(server.serve(config))
+        run = asyncio.run
+    else:
+        run = uvloop.run
+    try:
+        return run(server.serve(config))
+    except OSError as exc:  # a port in use, an address not on this machine: said, not a traceback
+        print(f"mediaserver: cannot start: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

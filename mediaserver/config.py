@@ -57,6 +57,10 @@ class WebRtcConfig(_Section):
     port_min: int = 0
     port_max: int = 0
     """UDP port range for peer connections (one port each); 0/0: ephemeral ports."""
+    udp_port: int = 0
+    """One UDP port shared by every peer connection (MediaMTX's and Pion's
+    single-port mode; routed by ICE ufrag, then by address); 0: a port per
+    connection, from port_min..port_max or ephemeral."""
     advertise_hosts: list[str] = []
     """Extra addresses put in the SDP answer beside each host candidate, same
     port: the public address of a server behind a 1:1 NAT or port forwarding."""
@@ -207,6 +211,7 @@ def _check_ranges(config: Config, path: str | Path) -> None:
             config.webrtc.port_max == config.webrtc.port_min == 0
             or 1 <= config.webrtc.port_min <= config.webrtc.port_max <= 65535,
         ),
+        ("webrtc.udp_port", config.webrtc.udp_port, 0 <= config.webrtc.udp_port <= 65535),
         ("webrtc.media_timeout", config.webrtc.media_timeout, config.webrtc.media_timeout > 0),
         ("webrtc.sync_wait", config.webrtc.sync_wait, 0 <= config.webrtc.sync_wait <= 30),
         ("webrtc.keyframe_interval", config.webrtc.keyframe_interval, config.webrtc.keyframe_interval >= 0),
@@ -228,3 +233,8 @@ def _check_ranges(config: Config, path: str | Path) -> None:
     for key, value, ok in checks:
         if not ok:
             raise ConfigError(f"config file {path}: `{key}` = {value!r} is out of range")
+    if config.webrtc.udp_port and config.webrtc.port_min:
+        raise ConfigError(
+            f"config file {path}: `webrtc.udp_port` (one shared port) and `webrtc.port_min`/`port_max` "
+            "(a port per connection) cannot both be set"
+        )

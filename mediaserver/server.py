@@ -40,7 +40,7 @@ async def serve(config: Config) -> int:
     await rtmp_server.start()
     await http_server.start()
     if whip_server is not None:
-        whip_server.start()
+        await whip_server.start()
     metrics.start()
     await admin_server.start()
     event(

@@ -46,6 +46,8 @@ BAD_CONFIGS = [
     ("wrong-type-log-level", {"log_level": 3}, "log_level"),
     ("bad-enum", {"publish": {"on_conflict": "fight"}}, "on_conflict"),
     ("section-is-not-a-table", {"hls": 5}, "hls"),
+    ("webrtc-port-range-reversed", {"webrtc": {"port_min": 5000, "port_max": 4000}}, "port_max"),
+    ("webrtc-one-port-and-a-range", {"webrtc": {"udp_port": 8189, "port_min": 40000, "port_max": 40010}}, "udp_port"),
 ]
 
 
@@ -95,3 +97,18 @@ def test_top_level_help(tmp_path):
 def test_valid_config_serves_then_sigterm_exits_0(server):
     assert server.alive()
     assert server.stop() == 0, server.log_tail()
+
+
+def test_webrtc_udp_port_in_use_is_a_message(tmp_path):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        config = merge(_valid_config(tmp_path), {"webrtc": {"host_addresses": ["127.0.0.1"], "udp_port": port}})
+        path = tmp_path / "busy.toml"
+        path.write_text(to_toml(config))
+        proc = _run(server_command(path), tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"webrtc.udp_port: cannot bind UDP 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr

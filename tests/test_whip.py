@@ -355,6 +355,35 @@ def test_udp_port_range_and_advertised_host(server_factory, motion_clip):
     assert len(video) >= 55
 
 
+def test_single_muxed_udp_port_for_every_publisher(server_factory, motion_clip, flash_clip):
+    """Two publishers at once through one configured UDP port: both answers
+    name that port only, and both outputs hold every frame sent."""
+    port = _free_udp_range(1)
+    server = server_factory(webrtc={"host_addresses": ["127.0.0.1"], "udp_port": port})
+    answers: list[str] = []
+
+    async def keep(started: whip_client.WhipResult) -> None:
+        answers.append(started.body)
+
+    async def both():
+        return await asyncio.gather(
+            whip_client.publish(whip_url(server, "mux1"), flash_clip, on_started=keep),
+            whip_client.publish(whip_url(server, "mux2"), motion_clip, on_started=keep),
+        )
+
+    first, second = asyncio.run(both())
+    assert first.status == second.status == 201 and first.delete_status == second.delete_status == 200
+    for answer in answers:
+        candidates = [line.split() for line in answer.splitlines() if line.startswith("a=candidate:")]
+        assert {(c[4], int(c[5])) for c in candidates} == {("127.0.0.1", port)}, candidates
+    for name, clip in (("mux1", flash_clip), ("mux2", motion_clip)):
+        wait_for_endlist(server.hls_url(name), 10)
+        _, video, audio = hls_frames(server.hls_url(name))
+        assert [f.payload for f in video] == file_video_payloads(clip), name
+        assert audio, name
+    server.assert_no_tracebacks()
+
+
 # -- relups ------------------------------------------------------------------
 
 

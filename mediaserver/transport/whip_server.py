@@ -42,7 +42,7 @@ from ..proto.errors import ProtocolError
 from ..proto.h264 import AccessUnits
 from ..proto.rtp_clock import StreamClock
 from ..runtime.streams import PublishRefused, Streams
-from . import webrtc_decoders
+from . import ice_mux, webrtc_decoders
 from .ice_ports import NoFreePort, ice_connections, restrict_gathering
 from .rtmp_server import NAME_PATTERN
 
@@ -306,6 +306,7 @@ class WhipServer:
         self.keyframe_interval = config.keyframe_interval or hls.segment_target
         self.resources: dict[str, WhipPublish] = {}
         self._timer: asyncio.Task[None] | None = None
+        self.muxes: list[ice_mux.UdpMux] = []
         webrtc_decoders.install(
             webrtc_decoders.DecoderSettings(
                 aac_bitrate=config.aac_bitrate,
@@ -327,7 +328,16 @@ class WhipServer:
         for method in ("GET", "PUT"):
             app.router.add_route(method, "/live/{name}/whip", self.not_allowed)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        if self.config.udp_port:
+            self.muxes = ice_mux.open_muxes(self.config.host_addresses, self.config.udp_port)
+            try:
+                for mux in self.muxes:
+                    await mux.open()
+            except OSError:
+                for mux in self.muxes:
+                    mux.close()
+                raise
         self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
 
     async def _tick_forever(self) -> None:
@@ -349,6 +359,8 @@ class WhipServer:
         publishes = list(self.resources.values())
         await asyncio.gather(*(p.finish(reason) for p in publishes), return_exceptions=True)
         await asyncio.gather(*(p.pc.close() for p in publishes), return_exceptions=True)
+        for mux in self.muxes:
+            mux.close()
 
     # -- HTTP ----------------------------------------------------------------
 
@@ -423,7 +435,10 @@ class WhipServer:
             await pc.close()
             event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=str(exc))
             return _error(400, f"the SDP offer cannot be used: {exc}")
-        if self.config.host_addresses or self.config.port_min:
+        if self.muxes:
+            for connection in ice_connections(pc):
+                ice_mux.attach(connection, self.muxes)
+        elif self.config.host_addresses or self.config.port_min:
             for connection in ice_connections(pc):
                 restrict_gathering(connection, self.config.host_addresses, self.config.port_min, self.config.port_max)
         try:
