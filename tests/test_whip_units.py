@@ -309,3 +309,42 @@ def test_vp8_to_h264_caps_size_and_rate_and_forces_keyframes():
         decoded += decoder.decode(av.Packet(data))
     decoded += decoder.decode(None)
     assert len(decoded) == len(units) and (decoded[0].width, decoded[0].height) == (320, 240)
+
+
+# -- one shared UDP port -----------------------------------------------------------
+
+
+def test_udp_mux_routes_by_ufrag_then_by_address_and_drops_strangers():
+    from aioice import stun
+
+    from mediaserver.transport.ice_mux import UdpMux
+
+    class Receiver:
+        def __init__(self) -> None:
+            self.got: list[tuple[bytes, tuple]] = []
+
+        def datagram_received(self, data, addr) -> None:
+            self.got.append((data, addr))
+
+    mux = UdpMux("127.0.0.1", 0)
+    a, b = Receiver(), Receiver()
+    mux.by_ufrag.update({"ufragA": a, "ufragB": b})
+
+    def binding(username: str) -> bytes:
+        message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+        message.attributes["USERNAME"] = username
+        return bytes(message)
+
+    mux.datagram_received(b"\x16\xfe\xfd" + b"\x00" * 30, ("10.0.0.1", 5000))  # DTLS from nobody known
+    assert mux.unrouted == 1 and not a.got and not b.got
+    mux.datagram_received(binding("ufragB:remote1"), ("10.0.0.1", 5000))
+    mux.datagram_received(binding("ufragA:remote2"), ("10.0.0.2", 6000, 0, 0))  # IPv6-style 4-tuple
+    mux.datagram_received(b"\x80" + b"\x00" * 40, ("10.0.0.1", 5000))  # RTP: by address
+    mux.datagram_received(b"\x16\xfe\xfd" + b"\x00" * 30, ("10.0.0.2", 6000))
+    assert [addr for _, addr in b.got] == [("10.0.0.1", 5000)] * 2 and b.got[1][0][0] == 0x80
+    assert [addr for _, addr in a.got] == [("10.0.0.2", 6000)] * 2 and a.got[1][0][0] == 0x16
+    mux.datagram_received(binding("nobody:x"), ("10.0.0.3", 1))
+    assert mux.unrouted == 2
+    mux.forget(b)
+    mux.datagram_received(b"\x80" + b"\x00" * 40, ("10.0.0.1", 5000))
+    assert mux.unrouted == 3 and len(b.got) == 2 and "ufragB" not in mux.by_ufrag
