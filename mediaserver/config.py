@@ -127,9 +127,12 @@ class PublishConfig(_Section):
 
 class LimitsConfig(_Section):
     max_connections: int = 1000
-    """Open RTMP connections in total; more are closed at once with a logged reason."""
+    """Open RTMP connections in total; more are closed at once with a logged
+    reason. WHIP peer connections are counted on their own against the same
+    figure (a POST beyond it gets 503)."""
     max_connections_per_client: int = 20
-    """Open RTMP connections from one client address."""
+    """Open RTMP connections from one client address; WHIP peer connections
+    likewise, on their own (a POST beyond it gets 429)."""
     max_streams: int = 500
     """Live streams; a publish beyond it is refused."""
     http_max_header_bytes: int = 8190

@@ -34,7 +34,7 @@ async def serve(config: Config) -> int:
     auth = PublishAuth(config.publish)
     rtmp_server = RtmpServer(config.rtmp, streams, auth, config.limits)
     metrics = ServerMetrics(streams, code_server, lambda: rtmp_server.connections)
-    whip_server = WhipServer(config.webrtc, config.hls, streams, auth) if config.webrtc.enabled else None
+    whip_server = WhipServer(config.webrtc, config.hls, streams, auth, config.limits) if config.webrtc.enabled else None
     http_server = HttpServer(config.http, data_dir / "hls", metrics, config.limits, streams, whip_server)
     admin_server = AdminServer(config.admin, code_server, load_or_create_token(config))
     await rtmp_server.start()

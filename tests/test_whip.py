@@ -355,6 +355,33 @@ def test_udp_port_range_and_advertised_host(server_factory, motion_clip):
     assert len(video) >= 55
 
 
+def test_connection_limits_refuse_new_whip_publishers_only(server_factory, motion_clip):
+    server = server_factory(limits={"max_connections_per_client": 1})
+    seen: dict = {}
+
+    async def second(started: whip_client.WhipResult) -> None:
+        seen["second"] = await whip_client.publish(whip_url(server, "other"), motion_clip, duration=1.0)
+
+    result = asyncio.run(whip_client.publish(whip_url(server, "first"), motion_clip, on_started=second, duration=3.0))
+    assert result.status == 201 and result.delete_status == 200
+    assert seen["second"].status == 429 and "limit 1" in seen["second"].body, seen["second"]
+    wait_for_endlist(server.hls_url("first"), 10)
+    _, video, _ = hls_frames(server.hls_url("first"))
+    assert [f.payload for f in video] == file_video_payloads(motion_clip)[: len(video)] and len(video) >= 85
+    assert server.log_lines("WHIP publish refused.*stream=other.*limit 1")
+    # The first one has ended: its slot is free again.
+    assert publish(server, "other", motion_clip, duration=1.0).status == 201
+
+    server = server_factory(limits={"max_connections": 1})
+
+    async def third(started: whip_client.WhipResult) -> None:
+        seen["third"] = await whip_client.publish(whip_url(server, "other"), motion_clip, duration=1.0)
+
+    result = asyncio.run(whip_client.publish(whip_url(server, "first"), motion_clip, on_started=third, duration=2.0))
+    assert result.status == 201 and seen["third"].status == 503 and "limit of 1 WHIP" in seen["third"].body
+    server.assert_no_tracebacks()
+
+
 def test_single_muxed_udp_port_for_every_publisher(server_factory, motion_clip, flash_clip):
     """Two publishers at once through one configured UDP port: both answers
     name that port only, and both outputs hold every frame sent."""

@@ -35,7 +35,7 @@ from aiortc.rtp import RtcpSrPacket
 
 from .. import wire
 from ..auth import PublishAuth, PublishDenied
-from ..config import HlsConfig, WebRtcConfig
+from ..config import HlsConfig, LimitsConfig, WebRtcConfig
 from ..logsetup import event
 from ..proto import whip as whip_sdp
 from ..proto.errors import ProtocolError
@@ -299,8 +299,13 @@ class WhipPublish:
 
 
 class WhipServer:
-    def __init__(self, config: WebRtcConfig, hls: HlsConfig, streams: Streams, auth: PublishAuth) -> None:
+    def __init__(
+        self, config: WebRtcConfig, hls: HlsConfig, streams: Streams, auth: PublishAuth, limits: LimitsConfig
+    ) -> None:
         self.config = config
+        self.limits = limits
+        self.starting: dict[str, int] = {}
+        """Peer connections being set up, per client address (they count against the limits too)."""
         self.streams = streams
         self.auth = auth
         self.keyframe_interval = config.keyframe_interval or hls.segment_target
@@ -421,7 +426,27 @@ class WhipServer:
             except PublishDenied as exc:
                 event(log, logging.WARNING, "WHIP publish denied", stream=name, client=client, reason=str(exc))
                 return _error(403, str(exc))
-        return await self._start(name, client, offer, summary)
+        refusal = self._over_limit(client)
+        if refusal is not None:
+            event(log, logging.WARNING, "WHIP publish refused", stream=name, client=client, reason=refusal[1])
+            return _error(*refusal)
+        self.starting[client] = self.starting.get(client, 0) + 1
+        try:
+            return await self._start(name, client, offer, summary)
+        finally:
+            self.starting[client] -= 1
+            if not self.starting[client]:
+                del self.starting[client]
+
+    def _over_limit(self, client: str) -> tuple[int, str] | None:
+        """Checked before a peer connection is made: each costs sockets and two receive threads."""
+        total = len(self.resources) + sum(self.starting.values())
+        if total >= self.limits.max_connections:
+            return 503, f"server is at its limit of {self.limits.max_connections} WHIP connections"
+        mine = sum(1 for p in self.resources.values() if p.client == client) + self.starting.get(client, 0)
+        if mine >= self.limits.max_connections_per_client:
+            return 429, f"{client} already has {mine} WHIP connections (limit {self.limits.max_connections_per_client})"
+        return None
 
     async def _start(self, name: str, client: str, offer: str, summary: whip_sdp.OfferSummary) -> web.Response:
         resource = secrets.token_urlsafe(18)
