@@ -25,7 +25,8 @@ from typing import Any
 
 from aioice import ice as aioice
 from aioice import stun
-from aioice.candidate import Candidate, candidate_foundation, candidate_priority
+
+from .ice_ports import add_host_candidate
 
 log = logging.getLogger("mediaserver.webrtc")
 
@@ -159,18 +160,7 @@ def attach(connection: Any, muxes: list[UdpMux]) -> None:
             protocol = aioice.StunProtocol(connection)
             protocol.connection_made(MuxedTransport(mux, protocol))
             mux.by_ufrag[connection.local_username] = protocol
-            host, port = mux.sockname
-            protocol.local_candidate = Candidate(
-                foundation=candidate_foundation("host", "udp", host),
-                component=1,
-                transport="udp",
-                priority=candidate_priority(1, "host"),
-                host=host,
-                port=port,
-                type="host",
-            )
-            connection._protocols.append(protocol)
-            connection._local_candidates.append(protocol.local_candidate)
+            add_host_candidate(connection, protocol, *mux.sockname)
         connection._local_candidates_end = True
 
     connection.gather_candidates = gather_candidates

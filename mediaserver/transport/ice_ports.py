@@ -38,6 +38,21 @@ async def bind_in_range(
     raise NoFreePort(f"no free UDP port in {port_min}-{port_max} on {address}")
 
 
+def add_host_candidate(connection: Any, protocol: aioice.StunProtocol, host: str, port: int) -> None:
+    """Give `protocol` its host candidate and add both to the aioice connection, as aioice's own gathering does."""
+    protocol.local_candidate = Candidate(
+        foundation=candidate_foundation("host", "udp", host),
+        component=1,
+        transport="udp",
+        priority=candidate_priority(1, "host"),
+        host=host,
+        port=port,
+        type="host",
+    )
+    connection._protocols.append(protocol)
+    connection._local_candidates.append(protocol.local_candidate)
+
+
 def restrict_gathering(connection: Any, addresses: list[str], port_min: int, port_max: int) -> None:
     """Make aioice `connection` gather host candidates on `addresses` within the port range only."""
 
@@ -55,17 +70,7 @@ def restrict_gathering(connection: Any, addresses: list[str], port_min: int, por
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024 * 1024)
             host, port = transport.get_extra_info("sockname")[:2]
-            protocol.local_candidate = Candidate(
-                foundation=candidate_foundation("host", "udp", host),
-                component=1,
-                transport="udp",
-                priority=candidate_priority(1, "host"),
-                host=host,
-                port=port,
-                type="host",
-            )
-            connection._protocols.append(protocol)
-            connection._local_candidates.append(protocol.local_candidate)
+            add_host_candidate(connection, protocol, host, port)
         connection._local_candidates_end = True
 
     connection.gather_candidates = gather_candidates
