@@ -12,6 +12,10 @@ def keyframe_to_jpeg(avcc_config: bytes, keyframe: bytes, width: int = 320) -> t
     decoder = av.CodecContext.create("h264", "r")
     decoder.extradata = avcc_config
     decoder.thread_count = 1
+    # Deblocking is ~10 % of an intra frame's decode and invisible once the
+    # picture is scaled down to a thumbnail. The rest (CABAC, ~20 ms for a
+    # 200 KB 1080p IDR) cannot be skipped.
+    decoder.options = {"skip_loop_filter": "all"}
     frames = decoder.decode(av.Packet(keyframe)) + decoder.decode(None)
     if not frames:
         raise ValueError("the keyframe decoded to no picture")
