@@ -42,7 +42,7 @@ from ..proto.errors import ProtocolError
 from ..proto.h264 import AccessUnits
 from ..proto.rtp_clock import StreamClock
 from ..runtime.streams import PublishRefused, Streams
-from . import ice_mux, webrtc_decoders
+from . import dtls_compat, ice_mux, webrtc_decoders
 from .ice_ports import NoFreePort, ice_connections, restrict_gathering
 from .rtmp_server import NAME_PATTERN
 
@@ -460,6 +460,15 @@ class WhipServer:
             await pc.close()
             event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=str(exc))
             return _error(400, f"the SDP offer cannot be used: {exc}")
+        dtls = "openssl"
+        if dtls_compat.needs_gnutls(offer):
+            # FFmpeg's DTLS certificate is on P-224, which aiortc's OpenSSL 4
+            # refuses: its handshake is done with GnuTLS (transport/dtls_compat.py).
+            if dtls_compat.available():
+                dtls_compat.use_gnutls(pc)
+                dtls = "gnutls"
+            else:
+                event(log, logging.WARNING, "no GnuTLS: FFmpeg's DTLS handshake will fail", stream=name, client=client)
         if self.muxes:
             for connection in ice_connections(pc):
                 ice_mux.attach(connection, self.muxes)
@@ -506,7 +515,7 @@ class WhipServer:
         event(
             log, logging.INFO, "WHIP publish started",
             stream=name, client=client, video=publish.video_mode or "none",
-            audio="opus->aac" if "audio" in kinds else "none",
+            audio="opus->aac" if "audio" in kinds else "none", dtls=dtls,
         )
         location = f"/live/{name}/whip/{resource}"
         return web.Response(
