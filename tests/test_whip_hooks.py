@@ -72,3 +72,25 @@ def test_install_replaces_the_decoder_lookup():
     assert isinstance(webrtc_decoders.get_decoder(Codec("video/H264")), webrtc_decoders.H264Passthrough)
     assert isinstance(webrtc_decoders.get_decoder(Codec("audio/opus")), webrtc_decoders.OpusToAacDecoder)
     assert isinstance(webrtc_decoders.get_decoder(Codec("video/VP8")), webrtc_decoders.Vp8ToH264Decoder)
+
+
+def test_dtls_transport_internals_used_for_gnutls():
+    """transport/dtls_compat.py swaps the transport's certificate for one whose
+    SSL context is GnuTLS's, and wraps the module's `SSL` reference."""
+    from aiortc import rtcdtlstransport
+
+    source = "".join(inspect.getsource(rtcdtlstransport.RTCDtlsTransport).split())
+    assert "self._ssl=SSL.Connection(self.__local_certificate._create_ssl_context(" in source
+    assert hasattr(rtcdtlstransport, "SSL")
+
+    async def check() -> None:
+        pc = RTCPeerConnection()
+        try:
+            transport = pc.addTransceiver("video", direction="recvonly").receiver.transport
+            certificate = transport._RTCDtlsTransport__local_certificate
+            assert isinstance(certificate, rtcdtlstransport.RTCCertificate)
+            assert certificate._cert is not None and certificate._key is not None
+        finally:
+            await pc.close()
+
+    asyncio.run(check())
