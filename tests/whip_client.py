@@ -6,6 +6,15 @@ output can be compared packet by packet against the file. Used by the tests
 (in-process or as a subprocess) and by benchmarks/whip_ingest.py.
 
     python tests/whip_client.py URL FILE [--token T] [--video-codec h264|vp8] [--loop] [--duration S]
+        [--progress FILE] [--quit-on-stdin]
+
+`--progress FILE` appends a block every 0.5 s, in the shape of ffmpeg's
+`-progress` (`frame=` video packets sent, `out_time_us=` media time sent,
+`progress=continue`, and a last block with `progress=end` once the resource
+is deleted). `--quit-on-stdin` ends the publish cleanly (tracks end, DELETE,
+final block and JSON result) when `q` or end of file is read on stdin, as
+ffmpeg does with `q`. With `--loop`, timestamps go on across loops, so a run
+can last as long as wanted.
 
 ICE gathers on 127.0.0.1 only (the tests stay on loopback).
 """
@@ -16,6 +25,7 @@ import argparse
 import asyncio
 import fractions
 import json
+import os
 import sys
 import time
 import urllib.parse
@@ -67,17 +77,26 @@ def read_packets(path: Path) -> dict[str, FilePackets]:
 class PacketTrack(MediaStreamTrack):
     """Yields a file's packets in real time (optionally looping, timestamps going on)."""
 
-    def __init__(self, source: FilePackets, start: asyncio.Future, loop: bool, stop_after: float | None) -> None:
+    def __init__(
+        self,
+        source: FilePackets,
+        start: asyncio.Future,
+        loop: bool,
+        stop_after: float | None,
+        quit_event: asyncio.Event | None = None,
+    ) -> None:
         super().__init__()
         self.kind = source.kind
         self.source = source
         self.start = start
         self.loop = loop
         self.stop_after = stop_after
+        self.quit_event = quit_event
         self.index = 0
         self.offset = 0
         self.sent = 0
         self.sent_bytes = 0
+        self.media_time = 0.0
         period = source.duration
         if source.packets:
             p = source.packets
@@ -87,6 +106,9 @@ class PacketTrack(MediaStreamTrack):
 
     async def recv(self) -> av.Packet:
         packets = self.source.packets
+        if self.quit_event is not None and self.quit_event.is_set():
+            self.stop()
+            raise MediaStreamError
         if self.index >= len(packets):
             if not self.loop:
                 self.stop()
@@ -110,6 +132,7 @@ class PacketTrack(MediaStreamTrack):
         packet.time_base = self.source.time_base
         self.sent += 1
         self.sent_bytes += packet.size
+        self.media_time = seconds
         return packet
 
 
@@ -120,6 +143,8 @@ class WhipResult:
     body: str = ""
     sent: dict[str, int] = field(default_factory=dict)
     delete_status: int | None = None
+    states: list[str] = field(default_factory=list)
+    """The peer connection's states in the order they came (connecting, connected, failed...)."""
 
 
 async def publish(
@@ -132,14 +157,17 @@ async def publish(
     duration: float | None = None,
     send_delete: bool = True,
     on_started=None,
+    quit_event: asyncio.Event | None = None,
+    progress: Path | None = None,
 ) -> WhipResult:
-    """Publish `path` over WHIP to `url` until the file (or `duration`) ends; DELETE at the end."""
+    """Publish `path` over WHIP to `url` until the file (or `duration`) ends, or `quit_event`
+    is set; DELETE at the end. `progress`: a file that gets ffmpeg-style progress blocks."""
     sources = read_packets(path)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     start: asyncio.Future = asyncio.get_running_loop().create_future()
     tracks: dict[str, PacketTrack] = {}
     for kind, source in sources.items():
-        track = PacketTrack(source, start, loop, duration)
+        track = PacketTrack(source, start, loop, duration, quit_event)
         tracks[kind] = track
         transceiver = pc.addTransceiver(track, direction="sendonly")
         if kind == "video":
@@ -151,16 +179,18 @@ async def publish(
     if token:
         headers["Authorization"] = f"Bearer {token}"
     connected = asyncio.Event()
+    states: list[str] = []
 
     @pc.on("connectionstatechange")
     def _state() -> None:
+        states.append(pc.connectionState)
         if pc.connectionState == "connected":
             connected.set()
 
     async with aiohttp.ClientSession() as http:
         async with http.post(url, data=pc.localDescription.sdp, headers=headers) as response:
             body = await response.text()
-            result = WhipResult(response.status, response.headers.get("Location"), body)
+            result = WhipResult(response.status, response.headers.get("Location"), body, states=states)
         if response.status != 201:
             await pc.close()
             return result
@@ -171,6 +201,7 @@ async def publish(
             started = on_started(result)
             if asyncio.iscoroutine(started):
                 await started
+        reporter = asyncio.ensure_future(_report_progress(progress, tracks)) if progress else None
         ends = [asyncio.ensure_future(_ended(t)) for t in tracks.values()]
         await asyncio.gather(*ends)
         # The last frames need a moment on the wire before the resource goes.
@@ -180,8 +211,48 @@ async def publish(
             resource = urllib.parse.urljoin(url, result.location)
             async with http.delete(resource, headers={"Authorization": f"Bearer {token}"} if token else {}) as r:
                 result.delete_status = r.status
+        if reporter is not None:
+            reporter.cancel()
+            tail = f"status={result.status}\ndelete_status={result.delete_status}\nprogress=end"
+            _write_progress(progress, tracks, tail)
     await pc.close()
     return result
+
+
+def _write_progress(path: Path, tracks: dict[str, PacketTrack], tail: str) -> None:
+    main = tracks.get("video") or next(iter(tracks.values()))
+    video = tracks.get("video")
+    audio = tracks.get("audio")
+    block = (
+        f"frame={video.sent if video else 0}\naudio_packets={audio.sent if audio else 0}\n"
+        f"total_size={sum(t.sent_bytes for t in tracks.values())}\n"
+        f"out_time_us={round(main.media_time * 1e6)}\n{tail}\n"
+    )
+    with open(path, "a") as f:
+        f.write(block)
+
+
+async def _report_progress(path: Path, tracks: dict[str, PacketTrack], interval: float = 0.5) -> None:
+    while True:
+        _write_progress(path, tracks, "progress=continue")
+        await asyncio.sleep(interval)
+
+
+def _quit_on_stdin(quit_event: asyncio.Event) -> None:
+    """Set `quit_event` when `q` or end of file comes on stdin."""
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if not data or b"q" in data:
+            loop.remove_reader(fd)
+            quit_event.set()
+
+    loop.add_reader(fd, readable)
 
 
 async def _ended(track: PacketTrack) -> None:
@@ -200,17 +271,26 @@ def main() -> int:
     parser.add_argument("--video-codec", default="h264", choices=["h264", "vp8"])
     parser.add_argument("--loop", action="store_true")
     parser.add_argument("--duration", type=float, default=None)
+    parser.add_argument("--progress", type=Path, default=None, help="append ffmpeg-style progress blocks to this file")
+    parser.add_argument("--quit-on-stdin", action="store_true", help="end cleanly on `q` or end of file on stdin")
     args = parser.parse_args()
     loopback_only()
-    result = asyncio.run(
-        publish(
+
+    async def run() -> WhipResult:
+        quit_event = asyncio.Event()
+        if args.quit_on_stdin:
+            _quit_on_stdin(quit_event)
+        return await publish(
             args.url, args.file, token=args.token, video_codec=args.video_codec,
             loop=args.loop, duration=args.duration,
             on_started=lambda r: print("started", flush=True),
+            quit_event=quit_event, progress=args.progress,
         )
-    )
+
+    result = asyncio.run(run())
     print(json.dumps({"status": result.status, "location": result.location, "sent": result.sent,
-                      "delete_status": result.delete_status, "body": result.body[:500]}), flush=True)
+                      "delete_status": result.delete_status, "states": result.states,
+                      "body": result.body[:500]}), flush=True)
     return 0 if result.status == 201 else 1
 
 
