@@ -253,7 +253,11 @@ def udp_drops() -> int:
 
 
 def find_py_spy() -> str | None:
+    """py-spy beside this Python or on PATH; installed into this venv with pip when missing."""
     beside = Path(sys.executable).parent / "py-spy"
+    if not beside.exists() and shutil.which("py-spy") is None:
+        print("installing py-spy into this venv for --profile ...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "py-spy"], check=False)
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
