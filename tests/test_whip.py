@@ -351,6 +351,34 @@ def _free_udp_range(size: int) -> int:
     raise RuntimeError("no free UDP port range")
 
 
+def test_publisher_that_never_connects_is_ended_and_frees_the_name(server_factory, motion_clip):
+    """POST an offer, then go away before ICE: the resource ends after media_timeout."""
+    server = server_factory(webrtc={"host_addresses": ["127.0.0.1"], "media_timeout": 2.0})
+
+    async def offer_and_vanish() -> tuple[int, dict, str]:
+        pc = whip_client.RTCPeerConnection()
+        pc.addTransceiver("video", direction="sendonly")
+        pc.addTransceiver("audio", direction="sendonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()  # never applies the answer: no ICE checks, no DTLS
+        return await _http("POST", whip_url(server, "ghost"), sdp, {"Content-Type": "application/sdp"})
+
+    whip_client.loopback_only()
+    status, headers, _ = asyncio.run(offer_and_vanish())
+    assert status == 201
+    resource = urllib.parse.urljoin(whip_url(server, "ghost"), headers["Location"])
+    server.wait_for_log(r"WHIP publish ended.*stream=ghost.*did not connect within 2 s", timeout=8)
+    assert http("DELETE", resource)[0] == 404
+    # The name is free again for a real publisher.
+    result = publish(server, "ghost", motion_clip, duration=2.0)
+    assert result.status == 201 and result.delete_status == 200
+    wait_for_endlist(server.hls_url("ghost"), 10)
+    _, video, _ = hls_frames(server.hls_url("ghost"))
+    assert [f.payload for f in video] == file_video_payloads(motion_clip)[: len(video)] and len(video) >= 55
+    server.assert_no_tracebacks()
+
+
 def test_udp_port_range_and_advertised_host(server_factory, motion_clip):
     base = _free_udp_range(4)
     server = server_factory(
