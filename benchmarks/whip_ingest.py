@@ -68,7 +68,7 @@ from _ingest_lib import (
     stop,
     tree,
 )
-from rtmp_ingest import count_frames, mediaserver_config, server_metrics
+from rtmp_ingest import count_frames, mark, mediaserver_config, server_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = ROOT / "tests" / "whip_client.py"
@@ -682,10 +682,6 @@ def describe(r: dict) -> str:
     for line in (r["errors"] + r["warnings"])[:3] + r["publisher_errors"][:3] + r["failures"][:3]:
         lines.append(f"      | {line[:200]}")
     return "\n".join(lines)
-
-
-def mark(ok: bool) -> str:
-    return "ok" if ok else "MISS"
 
 
 def table(rows: list[dict]) -> str:
