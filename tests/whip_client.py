@@ -159,9 +159,12 @@ async def publish(
     on_started=None,
     quit_event: asyncio.Event | None = None,
     progress: Path | None = None,
+    answer_filter=None,
 ) -> WhipResult:
     """Publish `path` over WHIP to `url` until the file (or `duration`) ends, or `quit_event`
-    is set; DELETE at the end. `progress`: a file that gets ffmpeg-style progress blocks."""
+    is set; DELETE at the end. `progress`: a file that gets ffmpeg-style progress blocks.
+    `answer_filter`: str -> str applied to the answer before it is used (tests that put a relay
+    in the path rewrite the server's candidates with it)."""
     sources = read_packets(path)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     start: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -194,7 +197,8 @@ async def publish(
         if response.status != 201:
             await pc.close()
             return result
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        answer = answer_filter(body) if answer_filter is not None else body
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         await asyncio.wait_for(connected.wait(), 15)
         start.set_result(time.monotonic() + 0.2)
         if on_started is not None:
