@@ -348,3 +348,89 @@ def test_udp_mux_routes_by_ufrag_then_by_address_and_drops_strangers():
     mux.forget(b)
     mux.datagram_received(b"\x80" + b"\x00" * 40, ("10.0.0.1", 5000))
     assert mux.unrouted == 3 and len(b.got) == 2 and "ufragB" not in mux.by_ufrag
+
+
+# -- the jitter buffer's leftovers at the end of a publish ---------------------------
+
+
+def _receiver_with(buffer, codecs):
+    import queue
+    import types
+
+    from aiortc.rtcrtpreceiver import TimestampMapper
+
+    p = "_RTCRtpReceiver__"
+    return types.SimpleNamespace(
+        **{
+            p + "decoder_thread": object(),
+            p + "jitter_buffer": buffer,
+            p + "codecs": codecs,
+            p + "timestamp_mapper": TimestampMapper(),
+            p + "decoder_queue": queue.Queue(),
+        }
+    )
+
+
+def _queued(receiver) -> list:
+    q = receiver._RTCRtpReceiver__decoder_queue
+    items = []
+    while not q.empty():
+        items.append(q.get_nowait())
+    return items
+
+
+def test_drain_queues_audio_held_behind_a_lost_packet():
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+    from aiortc.rtp import RtpPacket
+
+    from mediaserver.transport.webrtc_decoders import drain
+
+    opus = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000, channels=2, payloadType=111)
+    buffer = JitterBuffer(capacity=16, prefetch=4)
+    emitted = []
+    for seq in range(12):
+        if seq == 3:
+            continue  # lost: aiortc holds everything behind it
+        packet = RtpPacket(payload_type=111, sequence_number=seq, timestamp=seq * 960)
+        packet._data = bytes([seq])
+        _, frame = buffer.add(packet)
+        if frame is not None:
+            emitted.append(frame.data)
+    receiver = _receiver_with(buffer, {111: opus})
+    queued = drain(receiver)
+    items = _queued(receiver)
+    assert items[-1] is None and queued == len(items) - 1
+    assert emitted + [frame.data for _, frame in items[:-1]] == [bytes([s]) for s in range(12) if s != 3]
+    assert buffer._packets == [None] * 16
+
+
+def test_drain_skips_incomplete_video_frames_and_keeps_complete_ones():
+    from aiortc.jitterbuffer import JitterBuffer
+    from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+    from aiortc.rtp import RtpPacket
+
+    from mediaserver.transport.webrtc_decoders import drain
+
+    h264 = RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102)
+    buffer = JitterBuffer(capacity=64, is_video=True)
+    # Frames of 3 packets: A (seq 0-2), B (3-5, 4 lost), C (6-8), D (9-10, its last packet lost).
+    layout = [("A", 0, 3), ("B", 3, 3), ("C", 6, 3), ("D", 9, 3)]
+    lost = {4, 11}
+    emitted = []
+    for name, first, count in layout:
+        for i in range(count):
+            seq = first + i
+            if seq in lost:
+                continue
+            packet = RtpPacket(payload_type=102, sequence_number=seq, timestamp=first * 3000, marker=i == count - 1)
+            packet._data = f"{name}{i}".encode()
+            _, frame = buffer.add(packet)
+            if frame is not None:
+                emitted.append(frame.data)
+    assert emitted == [b"A0A1A2"]  # let out when B began; the hole in B holds everything after
+    receiver = _receiver_with(buffer, {102: h264})
+    drain(receiver)
+    frames = [item[1].data for item in _queued(receiver)[:-1]]
+    # B has a hole and D has no marker (its end was lost): only C is complete.
+    assert frames == [b"C0C1C2"], frames

@@ -150,11 +150,15 @@ def drain(receiver: Any) -> int:
     """Hand the frames aiortc's jitter buffer still holds to the receive thread, then end that thread.
 
     The jitter buffer lets a video frame out only when the next frame's first
-    packet arrives, and audio only 4 packets late: at the end of a publish the
-    last of each would never be written. What is complete (every packet of a
-    timestamp up to the RTP marker, for video) is queued for the receive
-    thread, followed by the end-of-track sentinel; the track then yields them
-    and ends. Returns the number of frames queued.
+    packet arrives, and audio only 4 packets late; after a lost packet it
+    holds everything behind the hole until it overflows. At the end of a
+    publish those frames would never be written. Every complete frame still
+    held is queued for the receive thread, in order, followed by the
+    end-of-track sentinel; the track then yields them and ends. An audio
+    packet is a frame by itself; a video frame is complete when its packets
+    are contiguous, it starts right after the previous frame's last packet
+    (or at the buffer's start) and its last packet has the RTP marker.
+    Returns the number of frames queued.
     """
     private = "_RTCRtpReceiver__"
     if getattr(receiver, private + "decoder_thread") is None:
@@ -163,28 +167,34 @@ def drain(receiver: Any) -> int:
     codecs = getattr(receiver, private + "codecs")
     mapper = getattr(receiver, private + "timestamp_mapper")
     queue = getattr(receiver, private + "decoder_queue")
-    packets = []
+    held: list[tuple[int, Any]] = []  # (position from the buffer's origin, packet)
     if buffer._origin is not None:
         for count in range(buffer.capacity):
             packet = buffer._packets[(buffer._origin + count) % buffer.capacity]
-            if packet is None:
-                break
-            packets.append(packet)
-        buffer.remove(len(packets))
-    groups: list[list[Any]] = []
-    for packet in packets:
-        if groups and groups[-1][0].timestamp == packet.timestamp:
-            groups[-1].append(packet)
+            if packet is not None:
+                held.append((count, packet))
+        if held:
+            buffer.remove(held[-1][0] + 1)
+    groups: list[list[tuple[int, Any]]] = []
+    for entry in held:
+        last = groups[-1][-1] if groups else None
+        if last is not None and last[1].timestamp == entry[1].timestamp and last[0] + 1 == entry[0]:
+            groups[-1].append(entry)
         else:
-            groups.append([packet])
+            groups.append([entry])
     queued = 0
-    for number, group in enumerate(groups):
-        last = number == len(groups) - 1
-        codec = codecs.get(group[0].payload_type)
-        if codec is None or (last and codec.mimeType.lower().startswith("video/") and not group[-1].marker):
+    previous_end = -1  # position of the last packet of the group before, when contiguous
+    for group in groups:
+        first_position, first = group[0]
+        codec = codecs.get(first.payload_type)
+        starts_clean = first_position == 0 or first_position == previous_end + 1
+        previous_end = group[-1][0]
+        if codec is None:
             continue
-        data = b"".join(getattr(p, "_data", b"") for p in group)
-        queue.put((codec, JitterFrame(data=data, timestamp=mapper.map(group[0].timestamp))))
+        if codec.mimeType.lower().startswith("video/") and not (starts_clean and group[-1][1].marker):
+            continue
+        data = b"".join(getattr(p, "_data", b"") for _, p in group)
+        queue.put((codec, JitterFrame(data=data, timestamp=mapper.map(first.timestamp))))
         queued += 1
     queue.put(None)
     return queued
