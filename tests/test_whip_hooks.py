@@ -53,7 +53,7 @@ def test_receiver_private_attributes():
 
 def test_jitter_buffer_internals_used_by_drain():
     buffer = JitterBuffer(capacity=16)
-    for name in ("_origin", "_packets", "capacity", "remove"):
+    for name in ("_origin", "_packets", "_prefetch", "capacity", "remove", "add"):
         assert hasattr(buffer, name), name
     assert buffer._origin is None and len(buffer._packets) == buffer.capacity == 16
 

@@ -43,6 +43,7 @@ from ..proto.h264 import AccessUnits
 from ..proto.rtp_clock import StreamClock
 from ..runtime.streams import PublishRefused, Streams
 from . import dtls_compat, ice_mux, webrtc_decoders
+from .audio_jitter import AudioJitterBuffer
 from .ice_ports import NoFreePort, ice_connections, restrict_gathering
 from .rtmp_server import NAME_PATTERN
 
@@ -511,6 +512,9 @@ class WhipServer:
             if kind in publish.receivers:
                 continue  # one track of each kind is ingested
             publish.receivers[kind] = transceiver.receiver
+            if kind == "audio":
+                # aiortc's own holds all audio behind a lost packet and multiplies losses (audio_jitter.py).
+                transceiver.receiver._RTCRtpReceiver__jitter_buffer = AudioJitterBuffer()  # type: ignore[attr-defined]
             kinds[kind] = 90000 if kind == "video" else 48000
         if not kinds:
             await pc.close()
