@@ -244,6 +244,23 @@ def http(method: str, url: str, body: str | None = None, headers: dict | None = 
     return asyncio.run(_http(method, url, body, headers))
 
 
+@pytest.mark.parametrize("only", ["video", "audio"])
+def test_video_only_and_audio_only_publishers(server, motion_clip, tmp_path, only):
+    """A publisher that offers one kind of track: the stream carries that kind alone."""
+    clip = _encode(tmp_path / f"{only}-only.ts", ["-i", str(motion_clip), "-map", "0:v" if only == "video" else "0:a", "-c", "copy", "-f", "mpegts"])
+    result = publish(server, f"{only}only", clip)
+    assert result.status == 201 and result.delete_status == 200
+    assert list(result.sent) == [only]
+    wait_for_endlist(server.hls_url(f"{only}only"), 10)
+    out, video, audio = hls_frames(server.hls_url(f"{only}only"))
+    if only == "video":
+        assert not audio and [f.payload for f in video] == file_video_payloads(motion_clip)
+    else:
+        assert not video and 275 <= len(audio) <= 283, len(audio)
+    assert server.log_lines(f"WHIP publish started.*stream={only}only.*video={'h264' if only == 'video' else 'none'}.*audio={'none' if only == 'video' else 'opus->aac'}")
+    server.assert_no_tracebacks()
+
+
 def test_bad_requests_get_clear_errors_and_other_streams_go_on(server, clips, ffmpeg_publisher, motion_clip):
     rtmp = ffmpeg_publisher(clips.path(SMALL), server.rtmp_url("steady"))
     server.wait_for_log("publish started.*stream=steady")
