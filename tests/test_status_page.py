@@ -58,6 +58,7 @@ def test_status_page_shows_thumbnail_levels_and_plays(server_factory, clips, ffm
             assert page.eval_on_selector(f"{card} img.thumbnail", "i => i.naturalWidth") == 320
             assert float(page.get_attribute(card, "data-bitrate")) > 10_000
             assert abs(float(page.get_attribute(card, "data-fps")) - LONG.fps) < 3
+            assert page.text_content(f"{card} .protocol") == "RTMP"
             meters = page.query_selector_all(f"{card} .meter")
             assert len(meters) == len(status["levels"])
             for meter in meters:

@@ -614,6 +614,10 @@ def test_relup_while_whip_and_rtmp_publish(server_factory, clips, ffmpeg_publish
         status, body = await asyncio.to_thread(api, server, "GET", "/api/v1/status")
         sessions = {s["name"]: s for s in body["sessions"]}
         assert sessions["whipcam"]["version"] == "1.1.0" and sessions["whipcam"]["fps"] > 20, sessions
+        status, _, text = await _http("GET", server.http_url("/status.json"))
+        streams = {s["name"]: s for s in json.loads(text)["streams"]}
+        assert streams["whipcam"]["protocol"] == "webrtc" and streams["rtmpcam"]["protocol"] == "rtmp", streams
+        assert streams["whipcam"]["client"].startswith("127.0.0.1") and streams["whipcam"]["fps"] > 20, streams
         status, report = await asyncio.to_thread(api, server, "POST", "/api/v1/revert", {})
         assert status == 200 and report["ok"], report
         return await task

@@ -29,6 +29,8 @@ class Publisher(Protocol):
     """The transport side of a publish: something that can be disconnected."""
 
     client: str
+    protocol: str
+    """"rtmp" or "webrtc": how the publisher is connected (shown in the status)."""
 
     def disconnect(self, reason: str) -> None: ...
 

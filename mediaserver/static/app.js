@@ -27,7 +27,8 @@ function makeCard(stream) {
     el("h2", { text: stream.name }),
     el("img", { class: "thumbnail", alt: `thumbnail of ${stream.name}` }),
     el("div", { class: "figures" }, [
-      el("span", { class: "bitrate" }), el("span", { class: "fps" }), el("span", { class: "uptime" }),
+      el("span", { class: "protocol" }), el("span", { class: "bitrate" }), el("span", { class: "fps" }),
+      el("span", { class: "uptime" }),
     ]),
     el("div", { class: "levels" }),
     video,
@@ -48,6 +49,7 @@ function makeCard(stream) {
 }
 
 function update(card, stream) {
+  card.querySelector(".protocol").textContent = stream.protocol === "webrtc" ? "WHIP" : (stream.protocol || "").toUpperCase();
   card.querySelector(".bitrate").textContent = `${(stream.bitrate_bps / 1000).toFixed(0)} kbit/s`;
   card.querySelector(".fps").textContent = `${stream.fps.toFixed(1)} fps`;
   card.querySelector(".uptime").textContent = `up ${Math.round(stream.uptime)} s`;

@@ -89,6 +89,8 @@ class HttpServer:
         return {
             "name": name,
             "live": live is not None,
+            "protocol": live.publisher.protocol if live else None,
+            "client": live.publisher.client if live else None,
             "uptime": round(time.monotonic() - live.session.started, 1) if live else 0.0,
             "bitrate_bps": round(rates[0]),
             "fps": round(rates[1], 2),

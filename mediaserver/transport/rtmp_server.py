@@ -42,6 +42,7 @@ class RtmpConnection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.client = "?"
+        self.protocol = "rtmp"
         self.host = "?"
         self.accepted_at = time.monotonic()
         self.last_activity = self.accepted_at

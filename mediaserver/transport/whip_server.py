@@ -77,6 +77,7 @@ class WhipPublish:
         self.name = name
         self.resource = resource
         self.client = client
+        self.protocol = "webrtc"
         self.pc = pc
         self.session: Any = None
         self.clock: StreamClock | None = None
