@@ -35,6 +35,7 @@ from media import (
     demux_segment,
     read_hls,
     split_annexb,
+    split_at_discontinuities,
     wait_for_endlist,
     wait_proc,
 )
@@ -258,6 +259,39 @@ def test_video_only_and_audio_only_publishers(server, motion_clip, tmp_path, onl
     else:
         assert not video and 275 <= len(audio) <= 283, len(audio)
     assert server.log_lines(f"WHIP publish started.*stream={only}only.*video={'h264' if only == 'video' else 'none'}.*audio={'none' if only == 'video' else 'opus->aac'}")
+    server.assert_no_tracebacks()
+
+
+def test_on_conflict_replace_between_rtmp_and_whip(server_factory, clips, ffmpeg_publisher, motion_clip):
+    """publish.on_conflict = "replace" across protocols: a WHIP publish takes a
+    name over from RTMP, then RTMP takes it back; each hand-over is one
+    discontinuity, and the WHIP part is exactly what was sent until it was replaced."""
+    server = server_factory(publish={"on_conflict": "replace"})
+    rtmp = ffmpeg_publisher(clips.path(SMALL), server.rtmp_url("shared"))
+    server.wait_for_log("publish started.*stream=shared")
+    time.sleep(1.0)
+    seen: dict = {}
+
+    async def take_back(started: whip_client.WhipResult) -> None:
+        await asyncio.sleep(2.5)
+        seen["rtmp"] = ffmpeg_publisher(clips.path(SMALL), server.rtmp_url("shared"))
+        await asyncio.to_thread(server.wait_for_log, "WHIP publish ended.*stream=shared.*replaced", 10)
+
+    result = asyncio.run(whip_client.publish(whip_url(server, "shared"), motion_clip, on_started=take_back, duration=6.0))
+    assert result.status == 201
+    assert result.delete_status == 404  # the resource ended when RTMP took the name back
+    wait_proc(rtmp, 15, "the replaced RTMP publisher")
+    assert wait_proc(seen["rtmp"], 60) == 0
+    wait_for_endlist(server.hls_url("shared"), 10)
+    out = read_hls(server.hls_url("shared"))
+    groups = split_at_discontinuities(out.segments)
+    assert len(groups) == 3, out.text
+    whip_video = []
+    for segment in groups[1]:
+        whip_video += demux_segment(segment.data, segment.seq, segment.uri)[0]
+    sent = file_video_payloads(motion_clip)
+    assert len(whip_video) >= 45 and [f.payload for f in whip_video] == sent[: len(whip_video)]
+    assert_exact(clips.get(SMALL), groups[2], segment_target=2.0, label="RTMP after WHIP")
     server.assert_no_tracebacks()
 
 

@@ -314,7 +314,10 @@ class WhipPublish:
         for task in [*self.tasks, *self.consumers]:
             if task is not asyncio.current_task():
                 task.cancel()
-        asyncio.get_running_loop().create_task(self.pc.close())
+        # Held by the server until done: the loop keeps only a weak reference to tasks.
+        closing = asyncio.get_running_loop().create_task(self.pc.close())
+        self.server.closing.add(closing)
+        closing.add_done_callback(self.server.closing.discard)
 
 
 class WhipServer:
@@ -331,6 +334,8 @@ class WhipServer:
         self.resources: dict[str, WhipPublish] = {}
         self._timer: asyncio.Task[None] | None = None
         self.muxes: list[ice_mux.UdpMux] = []
+        self.closing: set[asyncio.Task[None]] = set()
+        """Peer connections being closed after their publish ended."""
         webrtc_decoders.install(
             webrtc_decoders.DecoderSettings(
                 aac_bitrate=config.aac_bitrate,
@@ -382,7 +387,7 @@ class WhipServer:
             self._timer.cancel()
         publishes = list(self.resources.values())
         await asyncio.gather(*(p.finish(reason) for p in publishes), return_exceptions=True)
-        await asyncio.gather(*(p.pc.close() for p in publishes), return_exceptions=True)
+        await asyncio.gather(*(p.pc.close() for p in publishes), *self.closing, return_exceptions=True)
         for mux in self.muxes:
             mux.close()
 
