@@ -151,6 +151,16 @@ def test_track_that_starts_after_the_lock_waits_for_its_report_then_anchors():
     assert clock.to_ms("audio", a, 0.7) == 500
 
 
+def test_waiting_for_first_frames_of_every_track_at_most_sync_wait():
+    clock = StreamClock({"video": 90000, "audio": 48000}, sync_wait=1.0)
+    assert not clock.waiting_for_first_frames(0.0)  # nothing has started: nothing to wait for yet
+    clock.frame("video", 0, now=10.0)
+    assert clock.waiting_for_first_frames(10.5)
+    assert not clock.waiting_for_first_frames(11.0)  # sync_wait is over
+    clock.frame("audio", 0, now=10.6)
+    assert not clock.waiting_for_first_frames(10.6)
+
+
 # -- SDP offers ----------------------------------------------------------------
 
 

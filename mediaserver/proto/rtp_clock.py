@@ -91,6 +91,19 @@ class StreamClock:
                 self.first_frame_at = now
         return value
 
+    def waiting_for_first_frames(self, now: float) -> bool:
+        """Whether a track has sent no frame yet, within `sync_wait` of the first frame of any.
+
+        `poll` locks as soon as every started track has a sender report. A
+        publisher that reports before sending (FFmpeg's WHIP muxer sends an SR
+        ahead of each stream's first packet) would have it lock on the first
+        video frame, before the first audio one: the first segment would open
+        without audio, and audio would only join at the next keyframe.
+        """
+        if self.first_frame_at is None or now - self.first_frame_at >= self.sync_wait:
+            return False
+        return any(track.first_rtp is None for track in self.tracks.values())
+
     def poll(self, now: float) -> bool:
         """Lock the timeline when every started track has a report, or when waiting is over."""
         if self.zero is not None:

@@ -161,7 +161,7 @@ class WhipPublish:
         if clock is None or session is None or not self.held:
             return
         was_locked = clock.locked
-        if not was_locked and self._waiting_for_a_track(now):
+        if not was_locked and clock.waiting_for_first_frames(now):
             return
         if not clock.poll(now):
             return
@@ -198,21 +198,6 @@ class WhipPublish:
                 self.frames_in["audio"] += 1
                 session.deliver(wire.Audio(ts, data))
         del self.held[:delivered]
-
-    def _waiting_for_a_track(self, now: float) -> bool:
-        """Whether an offered track has sent nothing yet, for at most `sync_wait` after the first frame.
-
-        The clock locks as soon as every started track has a sender report. A
-        publisher that reports before sending (FFmpeg's WHIP muxer sends an SR
-        ahead of each stream's first packet) would lock it on its first video
-        frame, before the first audio one: the first segment would open
-        without audio, and audio would only join at the next keyframe.
-        """
-        clock = self.clock
-        assert clock is not None
-        if clock.first_frame_at is None or now - clock.first_frame_at >= clock.sync_wait:
-            return False
-        return any(track.first_rtp is None for track in clock.tracks.values())
 
     def _deliver_first_configs(self) -> None:
         """Both codec configs before any frame, as an RTMP publisher sends them.
