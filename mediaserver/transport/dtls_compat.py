@@ -103,7 +103,6 @@ def _load() -> Any:
 def _declare(lib: Any) -> None:
     p, i, u, s = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint, ctypes.c_size_t
     signatures: dict[str, tuple[Any, list[Any]]] = {
-        "gnutls_check_version": (ctypes.c_char_p, [ctypes.c_char_p]),
         "gnutls_init": (i, [ctypes.POINTER(p), u]),
         "gnutls_deinit": (None, [p]),
         "gnutls_certificate_allocate_credentials": (i, [ctypes.POINTER(p)]),
@@ -116,7 +115,6 @@ def _declare(lib: Any) -> None:
         "gnutls_srtp_set_profile": (i, [p, i]),
         "gnutls_srtp_get_selected_profile": (i, [p, ctypes.POINTER(i)]),
         "gnutls_prf_rfc5705": (i, [p, s, ctypes.c_char_p, s, ctypes.c_char_p, s, ctypes.c_char_p]),
-        "gnutls_transport_set_ptr": (None, [p, p]),
         "gnutls_transport_set_push_function": (None, [p, _PUSH]),
         "gnutls_transport_set_pull_function": (None, [p, _PULL]),
         "gnutls_transport_set_pull_timeout_function": (None, [p, _PULL_TIMEOUT]),
