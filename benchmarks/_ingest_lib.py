@@ -62,6 +62,33 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
+def serve_mediaserver(command: list[str], work: Path, config: str, http_port: int,
+                      timeout: float = 30.0) -> tuple[subprocess.Popen | None, str]:
+    """Run `command serve --config` with `config` in `work` until its /healthz answers.
+
+    Returns the server, or None (it is stopped) and the tail of its log. Its
+    output is appended to work/log. cwd is the run's own directory, so
+    `python -m mediaserver` imports the build on PYTHONPATH or installed in
+    the command's venv, not ./mediaserver of wherever the script was started.
+    """
+    import urllib.request
+
+    (work / "config.toml").write_text(config)
+    log = work / "log"
+    with open(log, "ab") as out:
+        server = spawn([*command, "serve", "--config", str(work / "config.toml")], stdout=out,
+                       stderr=subprocess.STDOUT, cwd=work)
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz", timeout=1).read()
+            return server, ""
+        except OSError:
+            time.sleep(0.1)
+    stop(server)
+    return None, log.read_text(errors="replace")[-2000:]
+
+
 # ------------------------------------------------------------------ /proc
 
 

@@ -57,6 +57,7 @@ from _ingest_lib import (  # noqa: E402
     free_port,
     machine_ticks,
     rss_kb,
+    serve_mediaserver,
     spawn,
     stop,
     tree,
@@ -211,25 +212,12 @@ def mediaserver_config(work: Path, ports: list[int], n: int, previews: bool | No
 
 
 def start_mediaserver(command: list[str], work: Path, ports: list[int], n: int, previews: bool):
-    config = work / "config.toml"
     for attempt in (previews, None):
-        config.write_text(mediaserver_config(work, ports, n, attempt))
-        log = work / "log"
-        # cwd: the run's own directory, so `python -m mediaserver` imports the build on PYTHONPATH
-        # or installed in --server-cmd's venv, not ./mediaserver of wherever this script was started
-        server = spawn([*command, "serve", "--config", str(config)], stdout=open(log, "ab"), stderr=subprocess.STDOUT,
-                       cwd=work)
-        deadline = time.monotonic() + 30
-        while server.poll() is None and time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/healthz", timeout=1).read()
-                return server, attempt is None
-            except OSError:
-                time.sleep(0.1)
-        stop(server)
-        text = log.read_text(errors="replace")
-        if attempt is None or "unknown field" not in text:
-            raise RuntimeError(f"mediaserver did not start:\n{text[-2000:]}")
+        server, log = serve_mediaserver(command, work, mediaserver_config(work, ports, n, attempt), ports[1])
+        if server is not None:
+            return server, attempt is None
+        if attempt is None or "unknown field" not in log:
+            raise RuntimeError(f"mediaserver did not start:\n{log}")
     raise AssertionError
 
 

@@ -50,7 +50,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -64,6 +63,7 @@ from _ingest_lib import (
     free_port,
     machine_ticks,
     rss_kb,
+    serve_mediaserver,
     spawn,
     stop,
     tree,
@@ -457,21 +457,10 @@ def whip_config(work: Path, ports: list[int], n: int, shared_port: bool) -> str:
 
 
 def start_server(command: list[str], work: Path, ports: list[int], n: int, shared_port: bool) -> subprocess.Popen:
-    (work / "config.toml").write_text(whip_config(work, ports, n, shared_port))
-    log = work / "log"
-    # cwd: the run's own directory, so `python -m mediaserver` imports the build on PYTHONPATH
-    # or installed in --server-cmd's venv, not ./mediaserver of wherever this script was started
-    server = spawn([*command, "serve", "--config", str(work / "config.toml")], stdout=open(log, "ab"),
-                   stderr=subprocess.STDOUT, cwd=work)
-    deadline = time.monotonic() + 30
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/healthz", timeout=1).read()
-            return server
-        except OSError:
-            time.sleep(0.1)
-    stop(server)
-    raise RuntimeError(f"mediaserver did not start:\n{log.read_text(errors='replace')[-2000:]}")
+    server, log = serve_mediaserver(command, work, whip_config(work, ports, n, shared_port), ports[1])
+    if server is None:
+        raise RuntimeError(f"mediaserver did not start:\n{log}")
+    return server
 
 
 def run_step(clip: Path, n: int, args) -> dict:
