@@ -165,7 +165,10 @@ def test_waiting_for_first_frames_of_every_track_at_most_sync_wait():
 
 
 def offer(*sections: str) -> str:
-    return "\r\n".join(["v=0", "o=- 1 2 IN IP4 127.0.0.1", "s=-", "t=0 0", *sections]) + "\r\n"
+    return "\r\n".join(["v=0", "o=- 1 2 IN IP4 127.0.0.1", "s=-", "t=0 0", FINGERPRINT, *sections]) + "\r\n"
+
+
+FINGERPRINT = "a=fingerprint:sha-256 " + ":".join(["AB"] * 32)
 
 
 VIDEO = ["m=video 9 UDP/TLS/RTP/SAVPF 96 97 98", "a=sendonly", "a=rtpmap:96 VP8/90000", "a=rtpmap:97 rtx/90000", "a=rtpmap:98 H264/90000"]
@@ -191,11 +194,39 @@ def test_offer_codecs_and_video_mode():
         (offer("m=video 9 UDP/TLS/RTP/SAVPF 45", "a=sendonly", "a=rtpmap:45 AV1/90000"), True, "takes H264 or VP8"),
         (offer("m=audio 9 UDP/TLS/RTP/SAVPF 0", "a=sendonly", "a=rtpmap:0 PCMU/8000"), True, "takes Opus"),
         ("v=0\r\n" + "a=x\r\n" * 20000, True, "larger than"),
+        (offer(*VIDEO, *VIDEO), True, "more than 1 video section"),
+        (offer(*AUDIO, *VIDEO, *AUDIO), True, "more than 1 audio section"),
+        (offer(*AUDIO, *VIDEO, "m=application 9 UDP/DTLS/SCTP webrtc-datachannel", "m=text 9 RTP/AVP 98"), True,
+         "more than 3 media sections"),
+        (offer(*AUDIO, *VIDEO).replace(FINGERPRINT + "\r\n", ""), True,
+         r"no a=fingerprint for media section 0 \(audio\), 1 \(video\)"),
     ],
 )
 def test_offers_refused_with_a_reason(sdp, vp8_allowed, reason):
     with pytest.raises(ProtocolError, match=reason):
         inspect_offer(sdp, vp8_allowed=vp8_allowed)
+
+
+def test_fingerprint_per_section_is_enough_and_each_section_needs_one():
+    bare = offer(*AUDIO, *VIDEO).replace(FINGERPRINT + "\r\n", "")
+    per_section = bare.replace("a=sendonly", "a=sendonly\r\n" + FINGERPRINT)
+    assert inspect_offer(per_section, vp8_allowed=True).has_audio()
+    only_audio = bare.replace("a=sendonly", "a=sendonly\r\n" + FINGERPRINT, 1)
+    with pytest.raises(ProtocolError, match=r"media section 1 \(video\)$"):
+        inspect_offer(only_audio, vp8_allowed=True)
+
+
+def test_500_media_sections_are_refused_in_microseconds():
+    """The refusal stops at the first section over the limit: its cost does not grow with the offer."""
+    import time
+
+    sdp = offer(*AUDIO, *VIDEO, *(["m=video 9 UDP/TLS/RTP/SAVPF 96", "a=rtpmap:96 H264/90000"] * 500))[:60000]
+    start = time.perf_counter()
+    for _ in range(100):
+        with pytest.raises(ProtocolError, match="more than 1 video section"):
+            inspect_offer(sdp, vp8_allowed=True)
+    per_offer = (time.perf_counter() - start) / 100
+    assert per_offer < 0.05, f"{per_offer * 1e3:.1f} ms per refused offer"
 
 
 def test_advertised_hosts_are_added_beside_gathered_candidates():

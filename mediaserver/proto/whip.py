@@ -19,6 +19,15 @@ AUDIO_CODEC = "opus"
 
 _RTPMAP = re.compile(r"a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
 MAX_OFFER_BYTES = 64 * 1024
+"""An audio and a video section with every codec a browser offers fit in a
+tenth of this; a larger body is refused before it is parsed."""
+MAX_SECTIONS_OF_A_KIND = 1
+"""A publish ingests one video and one audio track. aiortc makes a transceiver
+(and its receive threads) for every section it answers, so extra sections are
+refused here, before any peer connection exists, rather than answered."""
+MAX_SECTIONS = 3
+"""audio + video + one more (a data channel `m=application`, answered as
+rejected by aiortc); 500 `m=` lines cost seconds and hundreds of MB in aiortc."""
 
 
 @dataclass
@@ -60,10 +69,21 @@ def inspect_offer(sdp: str, vp8_allowed: bool) -> OfferSummary:
     if not lines or not lines[0].startswith("v=0"):
         raise ProtocolError("not an SDP offer: it must start with v=0")
     media: list[MediaSection] = []
+    fingerprint_in_session = False
+    fingerprinted: set[int] = set()
     for line in lines:
         if line.startswith("m="):
             kind = line[2:].split(" ", 1)[0]
+            if len(media) >= MAX_SECTIONS:
+                raise ProtocolError(f"the offer has more than {MAX_SECTIONS} media sections; a publish uses one audio and one video")
+            if kind in ("audio", "video") and sum(1 for m in media if m.kind == kind) >= MAX_SECTIONS_OF_A_KIND:
+                raise ProtocolError(f"the offer has more than {MAX_SECTIONS_OF_A_KIND} {kind} section; a publish ingests one of each kind")
             media.append(MediaSection(kind))
+        elif line.startswith("a=fingerprint:"):
+            if media:
+                fingerprinted.add(len(media) - 1)
+            else:
+                fingerprint_in_session = True
         elif media:
             if line in ("a=sendonly", "a=recvonly", "a=sendrecv", "a=inactive"):
                 media[-1].direction = line[2:]
@@ -87,6 +107,11 @@ def inspect_offer(sdp: str, vp8_allowed: bool) -> OfferSummary:
         raise ProtocolError(f"no usable video codec: the offer has {', '.join(video)}; this server takes {takes}")
     if audio and not summary.has_audio():
         raise ProtocolError(f"no usable audio codec: the offer has {', '.join(audio)}; this server takes Opus")
+    if not fingerprint_in_session:
+        missing = [f"{i} ({m.kind})" for i, m in enumerate(media) if i not in fingerprinted]
+        if missing:
+            # Without one DTLS cannot be checked; aiortc would answer and fail later in a task nobody awaits.
+            raise ProtocolError(f"the offer has no a=fingerprint for media section {', '.join(missing)}")
     return summary
 
 
