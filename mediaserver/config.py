@@ -6,6 +6,7 @@ An unknown key or a wrong type is a `ConfigError` that names the key.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -65,8 +66,23 @@ class WebRtcConfig(_Section):
     """Extra addresses put in the SDP answer beside each host candidate, same
     port: the public address of a server behind a 1:1 NAT or port forwarding."""
     media_timeout: float = 10.0
-    """Seconds without any media (or without ICE/DTLS connecting) before a
-    WHIP publish is ended (EXT-X-ENDLIST)."""
+    """Seconds without any media before a WHIP publish is ended (EXT-X-ENDLIST)."""
+    connect_timeout: float = 5.0
+    """Seconds an answered offer has to complete ICE and DTLS; then it is ended
+    and its UDP ports freed. Nothing of the stream exists before that."""
+    ice_remote_networks: list[str] = []
+    """Networks (CIDR or addresses) the server may send ICE checks to beside
+    the address the offer was POSTed from; candidates elsewhere are ignored,
+    so an offer cannot aim the server's STUN checks at a third party."""
+
+    def __post_init__(self) -> None:
+        if not self.connect_timeout > 0:
+            raise ValueError(f"webrtc.connect_timeout must be > 0 seconds, not {self.connect_timeout!r}")
+        for network in self.ice_remote_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"webrtc.ice_remote_networks: {network!r} is not an address or network: {exc}") from None
     sync_wait: float = 3.0
     """Seconds media is held at the start for the RTCP sender reports that line
     audio and video up; without them, arrival times are used."""

@@ -404,8 +404,8 @@ def _free_udp_range(size: int) -> int:
 
 
 def test_publisher_that_never_connects_is_ended_and_frees_the_name(server_factory, motion_clip):
-    """POST an offer, then go away before ICE: the resource ends after media_timeout."""
-    server = server_factory(webrtc={"host_addresses": ["127.0.0.1"], "media_timeout": 2.0})
+    """POST an offer, then go away before ICE: the resource ends after connect_timeout."""
+    server = server_factory(webrtc={"host_addresses": ["127.0.0.1"], "media_timeout": 10.0, "connect_timeout": 2.0})
 
     async def offer_and_vanish() -> tuple[int, dict, str]:
         pc = whip_client.RTCPeerConnection()

@@ -4,7 +4,7 @@ aiortc and aioice are pinned (pyproject.toml), but a new release inside the
 pin, or a bump of the pin, could rename a private attribute: the server would
 then fail at the first publish, far from the cause. These checks name every
 internal used (mediaserver/transport/webrtc_decoders.py, whip_server.py,
-ice_ports.py) on real objects of the installed versions.
+ice_ports.py, ice_mux.py) on real objects of the installed versions.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ def test_receiver_private_attributes():
             for name in ("_local_candidates_start", "_local_candidates_end", "_protocols", "_local_candidates"):
                 assert hasattr(connection, name), name
             assert inspect.iscoroutinefunction(connection.gather_candidates)
+            # ice_ports.confine_remote_candidates: every remote candidate, mDNS
+            # ones once resolved, goes through _add_remote_candidate(candidate, host).
+            assert inspect.iscoroutinefunction(connection.add_remote_candidate)
+            assert list(inspect.signature(connection._add_remote_candidate).parameters) == [
+                "remote_candidate", "network_host",
+            ]
+            source = inspect.getsource(aioice.Connection.add_remote_candidate)
+            assert source.count("self._add_remote_candidate(") == 2, "direct and mDNS-resolved paths"
+            assert "self._remote_candidates_expected()" in inspect.getsource(aioice.Connection._check_periodic)
         finally:
             await pc.close()
 

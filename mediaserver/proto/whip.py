@@ -23,11 +23,13 @@ MAX_OFFER_BYTES = 64 * 1024
 tenth of this; a larger body is refused before it is parsed."""
 MAX_SECTIONS_OF_A_KIND = 1
 """A publish ingests one video and one audio track. aiortc makes a transceiver
-(and its receive threads) for every section it answers, so extra sections are
-refused here, before any peer connection exists, rather than answered."""
-MAX_SECTIONS = 3
-"""audio + video + one more (a data channel `m=application`, answered as
-rejected by aiortc); 500 `m=` lines cost seconds and hundreds of MB in aiortc."""
+(and its receive threads) for every section it answers: 500 `m=` lines cost
+seconds and hundreds of MB. Extra sections are refused here, before any peer
+connection exists, rather than answered and ignored."""
+SECTION_KINDS = ("audio", "video")
+"""Data channels (`m=application`) and anything else are refused: nothing
+would read them, and each would get an ICE transport of its own."""
+
 
 
 @dataclass
@@ -74,9 +76,9 @@ def inspect_offer(sdp: str, vp8_allowed: bool) -> OfferSummary:
     for line in lines:
         if line.startswith("m="):
             kind = line[2:].split(" ", 1)[0]
-            if len(media) >= MAX_SECTIONS:
-                raise ProtocolError(f"the offer has more than {MAX_SECTIONS} media sections; a publish uses one audio and one video")
-            if kind in ("audio", "video") and sum(1 for m in media if m.kind == kind) >= MAX_SECTIONS_OF_A_KIND:
+            if kind not in SECTION_KINDS:
+                raise ProtocolError(f"the offer has a media section of kind {kind[:32]!r}; a publish takes audio and video only")
+            if sum(1 for m in media if m.kind == kind) >= MAX_SECTIONS_OF_A_KIND:
                 raise ProtocolError(f"the offer has more than {MAX_SECTIONS_OF_A_KIND} {kind} section; a publish ingests one of each kind")
             media.append(MediaSection(kind))
         elif line.startswith("a=fingerprint:"):
@@ -134,7 +136,7 @@ def advertise_hosts(answer: str, hosts: list[str]) -> str:
                 for number, host in enumerate(hosts, start=1):
                     extra = list(parts)
                     extra[0] = f"{parts[0]}a{number}"
-                    extra[3] = str(max(1, int(parts[3]) - number)) if parts[3].isdigit() else parts[3]
+                    extra[3] = str(max(1, int(parts[3]) - number)) if parts[3].isascii() and parts[3].isdigit() else parts[3]
                     extra[4] = host
                     out.append(" ".join(extra))
     return newline.join(out)

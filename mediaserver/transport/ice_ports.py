@@ -11,6 +11,7 @@ candidate, as aioice itself does (aioice is pinned with aiortc).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 import socket
 from typing import Any
@@ -83,3 +84,56 @@ def ice_connections(pc: Any) -> list[Any]:
         connection = transceiver.receiver.transport.transport.iceGatherer._connection
         seen[id(connection)] = connection
     return list(seen.values())
+
+
+def remote_address_filter(client: str, networks: list[str]) -> Any:
+    """A predicate on remote candidate addresses: the POST's client address, or inside `networks`."""
+    allowed = [ipaddress.ip_network(n, strict=False) for n in networks]
+    try:
+        own = _plain(ipaddress.ip_address(client))
+    except ValueError:
+        own = None  # no usable client address (e.g. a Unix socket): only `networks`
+
+    def allow(host: str) -> bool:
+        try:
+            address = _plain(ipaddress.ip_address(host))
+        except ValueError:
+            return False
+        return address == own or any(address in network for network in allowed)
+
+    return allow
+
+
+def _plain(address: Any) -> Any:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def confine_remote_candidates(connection: Any, allow: Any, on_ignored: Any) -> None:
+    """Make aioice `connection` keep only remote candidates whose address `allow`s.
+
+    An offer names any addresses it likes; aioice sends connectivity checks
+    to each one (5 packets over 12 s), so a crafted offer turns the server
+    into a STUN packet source aimed at a third party. Candidates elsewhere are
+    dropped after resolution (mDNS names too). End-of-candidates is not
+    passed on: a publisher behind a NAT whose candidates were all dropped is
+    still reached through the peer-reflexive candidate its own checks create
+    (they come from the address it POSTed from), and one that never checks is
+    ended by the WHIP connect deadline rather than by an ICE failure at once.
+    """
+    add_resolved = connection._add_remote_candidate
+    add = connection.add_remote_candidate
+
+    def add_remote_candidate_resolved(candidate: Candidate, network_host: str) -> None:
+        if not allow(network_host):
+            on_ignored(network_host)
+            return
+        add_resolved(candidate, network_host)
+
+    async def add_remote_candidate(candidate: Candidate | None) -> None:
+        if candidate is None:
+            return
+        await add(candidate)
+
+    connection._add_remote_candidate = add_remote_candidate_resolved
+    connection.add_remote_candidate = add_remote_candidate

@@ -44,7 +44,13 @@ from ..proto.rtp_clock import StreamClock
 from ..runtime.streams import PublishRefused, Streams
 from . import dtls_compat, ice_mux, webrtc_decoders
 from .audio_jitter import AudioJitterBuffer
-from .ice_ports import NoFreePort, ice_connections, restrict_gathering
+from .ice_ports import (
+    NoFreePort,
+    confine_remote_candidates,
+    ice_connections,
+    remote_address_filter,
+    restrict_gathering,
+)
 from .rtmp_server import NAME_PATTERN
 
 log = logging.getLogger("mediaserver.whip")
@@ -223,11 +229,12 @@ class WhipPublish:
     def tick(self) -> None:
         now = time.monotonic()
         self.flush(time.time())
-        timeout = self.server.config.media_timeout
         if self.connected_at is None:
-            if now - self.created > timeout:
-                self.end(f"ICE/DTLS did not connect within {timeout:g} s", logging.WARNING)
+            deadline = self.server.config.connect_timeout
+            if now - self.created > deadline:
+                self.end(f"ICE/DTLS did not connect within {deadline:g} s", logging.WARNING)
             return
+        timeout = self.server.config.media_timeout
         if now - max(self.last_media, self.connected_at) > timeout:
             self.end(f"no media for {timeout:g} s", logging.WARNING)
             return
@@ -260,10 +267,11 @@ class WhipPublish:
 
     def on_connection_state(self) -> None:
         state = self.pc.connectionState
-        if state == "connected" and self.connected_at is None:
+        if state == "connected" and self.connected_at is None and not self.ended:
             self.connected_at = time.monotonic()
             event(log, logging.INFO, "WHIP connected", stream=self.name, client=self.client)
-            self._request_keyframe(force=True)
+            if self.server.go_live(self):
+                self._request_keyframe(force=True)
         elif state == "failed":
             self.end("ICE/DTLS failed", logging.WARNING)
         elif state == "closed":
@@ -317,6 +325,10 @@ class WhipServer:
         self.auth = auth
         self.keyframe_interval = config.keyframe_interval or hls.segment_target
         self.resources: dict[str, WhipPublish] = {}
+        self.reserved: dict[str, WhipPublish] = {}
+        """Names answered but not yet connected: the stream (directory, writer,
+        metrics) is made only when ICE and DTLS complete, but a second POST for
+        the name meanwhile is a conflict all the same."""
         self._timer: asyncio.Task[None] | None = None
         self.muxes: list[ice_mux.UdpMux] = []
         self.closing: set[asyncio.Task[None]] = set()
@@ -366,6 +378,33 @@ class WhipServer:
     def forget(self, publish: WhipPublish) -> None:
         if self.resources.get(publish.resource) is publish:
             del self.resources[publish.resource]
+        if self.reserved.get(publish.name) is publish:
+            del self.reserved[publish.name]
+
+    def go_live(self, publish: WhipPublish) -> bool:
+        """ICE and DTLS are done: the publish becomes a stream. False if the name was taken meanwhile."""
+        if self.reserved.get(publish.name) is publish:
+            del self.reserved[publish.name]
+        try:
+            publish.session = self.streams.publish(publish.name, publish, _ignore_backpressure)
+        except PublishRefused as exc:
+            publish.end(f"refused once connected: {exc}", logging.WARNING)
+            return False
+        return True
+
+    def _conflict(self, name: str) -> tuple[int, str] | None:
+        """Checked before a peer connection is made; `streams.publish` checks again once connected."""
+        if self.streams.config.publish.on_conflict == "refuse":
+            pending = self.reserved.get(name)
+            if pending is not None:
+                return 409, f"stream {name} is already being published by {pending.client} (connecting)"
+            live = self.streams.live.get(name)
+            if live is not None:
+                return 409, f"stream {name} is already being published by {live.publisher.client}"
+        taken = len(self.streams.live) + len(self.reserved)
+        if name not in self.streams.live and name not in self.reserved and taken >= self.limits.max_streams:
+            return 503, f"the server's limit of {self.limits.max_streams} live streams is reached"
+        return None
 
     async def close(self, reason: str) -> None:
         if self._timer is not None:
@@ -414,7 +453,12 @@ class WhipServer:
             return _error(415, f"Content-Type must be application/sdp, not {content_type or 'missing'!r}")
         if not NAME_PATTERN.fullmatch(name):
             return _error(400, f"invalid stream name {name!r}")
+        if (request.content_length or 0) > whip_sdp.MAX_OFFER_BYTES:
+            reason = f"SDP offer of {request.content_length} bytes is larger than {whip_sdp.MAX_OFFER_BYTES}"
+            event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=reason)
+            return _error(413, reason)
         try:
+            # A chunked body has no length to check first: aiohttp's client_max_size bounds it, inspect_offer the rest.
             offer = (await request.read()).decode("utf-8")
         except UnicodeDecodeError:
             return _error(400, "the SDP offer is not UTF-8")
@@ -435,7 +479,7 @@ class WhipServer:
             except PublishDenied as exc:
                 event(log, logging.WARNING, "WHIP publish denied", stream=name, client=client, reason=str(exc))
                 return _error(403, str(exc))
-        refusal = self._over_limit(client)
+        refusal = self._over_limit(client) or self._conflict(name)
         if refusal is not None:
             event(log, logging.WARNING, "WHIP publish refused", stream=name, client=client, reason=refusal[1])
             return _error(*refusal)
@@ -464,6 +508,7 @@ class WhipServer:
         publish.video_mode = summary.video_mode(self.config.vp8_transcode)
         try:
             self._add_transceivers(pc, summary, publish.video_mode)
+            self._confine_checks(publish)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
         except Exception as exc:
             await pc.close()
@@ -510,15 +555,18 @@ class WhipServer:
         if not kinds:
             await pc.close()
             return _error(400, "the offer has no track this server can receive")
-        try:
-            publish.session = self.streams.publish(name, publish, _ignore_backpressure)
-        except PublishRefused as exc:
+        # Checked again: another POST for the name may have been answered while this one awaited aiortc.
+        refusal = self._conflict(name)
+        if refusal is not None:
             await pc.close()
-            status = 409 if name in self.streams.live else 503
-            event(log, logging.WARNING, "WHIP publish refused", stream=name, client=client, reason=str(exc))
-            return _error(status, str(exc))
+            event(log, logging.WARNING, "WHIP publish refused", stream=name, client=client, reason=refusal[1])
+            return _error(*refusal)
+        previous = self.reserved.get(name)
+        if previous is not None:  # on_conflict = "replace": the newer offer wins
+            previous.end(f"replaced by a new offer from {client} before it connected", logging.WARNING)
         publish.clock = StreamClock(kinds, self.config.sync_wait)
         self.resources[resource] = publish
+        self.reserved[name] = publish
         pc.on("connectionstatechange", publish.on_connection_state)
         for kind, receiver in publish.receivers.items():
             self._hook_sender_reports(publish, kind, receiver)
@@ -535,6 +583,20 @@ class WhipServer:
             text=whip_sdp.advertise_hosts(pc.localDescription.sdp, self.config.advertise_hosts),
             headers={**CORS, "Content-Type": "application/sdp", "Location": location, "ETag": f'"{resource}"'},
         )
+
+    def _confine_checks(self, publish: WhipPublish) -> None:
+        """ICE checks only towards the POST's address or `webrtc.ice_remote_networks`; before any candidate is added."""
+        allow = remote_address_filter(publish.client, self.config.ice_remote_networks)
+
+        def ignored(host: str) -> None:
+            event(
+                log, logging.INFO, "WHIP remote candidate ignored",
+                stream=publish.name, client=publish.client, address=host,
+                reason="not the offer's address nor in webrtc.ice_remote_networks",
+            )
+
+        for connection in ice_connections(publish.pc):
+            confine_remote_candidates(connection, allow, ignored)
 
     def _add_transceivers(self, pc: RTCPeerConnection, summary: whip_sdp.OfferSummary, video_mode: str | None) -> None:
         """recvonly transceivers whose codec preferences make aiortc answer H.264 (else VP8) and Opus."""
