@@ -421,3 +421,35 @@ def test_the_whole_chain_up_and_back_down_gives_the_original_state(gens):
         for version in CHAIN[:0:-1]:
             state = down(gens, state, version)
         assert state == original
+
+
+def test_the_cut_rule_keeps_its_keyframe_history_across_the_chain(gens):
+    # Keyframes 1999/2000 ms apart (a 2 s GOP in RTMP's ms): 2 s segments in
+    # every version, and a switch (up or down) between two keyframes keeps what
+    # the rule learnt of the keyframe interval, so the cuts stay where they were.
+    messages = [wire.VideoConfig(b"\x01avc-config-1"), wire.AudioConfig(b"\x12\x10")]
+    key, media = 0, []
+    for gop in range(8):
+        step = 1999 if gop % 2 == 0 else 2000
+        for j in range(60):
+            ts = key + round(j * 1000 / FPS)
+            if ts < key + step - 16:
+                media.append((ts, 1, wire.Video(ts, 0, j == 0, b"v")))
+        key += step
+    media += [(int(j * AUDIO_FRAME_MS), 0, wire.Audio(int(j * AUDIO_FRAME_MS), b"a")) for j in range(int(key / AUDIO_FRAME_MS))]
+    media.sort(key=lambda item: (item[0], item[1]))
+    messages += [message for _, _, message in media] + [wire.End(now=0.0, reason="test over")]
+
+    def ends(effects):
+        return [effect[2] for effect in effects if effect[0] == "segment_end"]
+
+    _, alone = run(gens["1.0.0"], messages)
+    assert set(ends(alone)[:-1]) == {1999, 2000}
+    middle = next(i for i, m in enumerate(messages) if m.kind == "video" and m.ts > 5000)
+    state, before = run(gens["1.0.0"], messages[:middle])
+    assert (state.last_keyframe_dts, state.last_gop_ms) == (3999, 2000)
+    s12 = up(gens, up(gens, state, "1.1.0"), "1.2.0")
+    assert (s12.last_keyframe_dts, s12.last_gop_ms) == (3999, 2000)
+    _, after = run(gens["1.2.0"], messages[middle:], s12)
+    assert ends(before + after) == ends(alone)
+    assert down(gens, down(gens, s12, "1.2.0"), "1.1.0") == state

@@ -104,6 +104,8 @@ def _media(
         new.cut_pending = True
         return new, effects
 
+    if track == "video" and keyframe:
+        segments.note_keyframe(new, dts)
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
     if track == "video":
         new.previews, more = previews.on_video(new.previews, dts, keyframe, data)

@@ -106,6 +106,13 @@ class StreamState(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metadata: dict[str, Any] = {}
     video: TrackClock = msgspec.field(default_factory=TrackClock)
     audio: TrackClock = msgspec.field(default_factory=TrackClock)
+    last_keyframe_dts: int = -1
+    """Output dts of the last video keyframe written, -1 before the first; the
+    cut rule predicts the next keyframe from it (see segments.py)."""
+    last_gop_ms: int = 0
+    """Interval between the two keyframes before `last_keyframe_dts`, 0 until known.
+    Both have defaults: a state written before they existed converts as is and
+    the rule learns the interval again at the next keyframes."""
     health: Health = msgspec.field(default_factory=Health)
     previews: Previews = msgspec.field(default_factory=Previews)
     rate: RateWindow = msgspec.field(default_factory=RateWindow)

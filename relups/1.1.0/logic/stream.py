@@ -104,6 +104,8 @@ def _media(
         new.cut_pending = True
         return new, effects
 
+    if track == "video" and keyframe:
+        segments.note_keyframe(new, dts)
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
     new.rate = rate.on_packet(new.rate, dts, len(data), track == "video", keyframe)
     if track == "video":

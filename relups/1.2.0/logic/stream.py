@@ -108,6 +108,8 @@ def _media(
         new.cut_pending = True
         return new, effects
 
+    if track == "video" and keyframe:
+        segments.note_keyframe(new, dts)
     effects.append((PACKET, track, dts, dts + cts, keyframe, data))
     new.rates = rates.on_packet(new.rates, dts, len(data), track == "video", keyframe)
     if track == "video":
