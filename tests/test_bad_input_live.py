@@ -137,6 +137,59 @@ def slow_handshake(port: int) -> tuple[int, socket.socket, float]:
     return local, s, time.monotonic() - start
 
 
+def _connected(port: int) -> socket.socket:
+    """Past `connect`: its answer has arrived, so the server's size limit is the full one."""
+    s = _connect(port)
+    rtmp_handshake(s)
+    _send_quietly(s, connect_command("live", f"rtmp://127.0.0.1:{port}/live"))
+    received = b""
+    while b"NetConnection.Connect.Success" not in received:
+        chunk = s.recv(65536)
+        assert chunk, "the server closed the connection instead of answering connect"
+        received += chunk
+    return s
+
+
+def _type0(csid: int, length: int, type_id: int = 9) -> bytes:
+    return bytes([csid]) + (0).to_bytes(3, "big") + length.to_bytes(3, "big") + bytes([type_id]) + (1).to_bytes(4, "little")
+
+
+def announced_lengths(port: int) -> tuple[int, socket.socket]:
+    """Before connect, chunk streams announcing 8 MiB each (133 bytes used to hold 72 MiB)."""
+    s = _connect(port)
+    rtmp_handshake(s)
+    _send_quietly(s, b"".join(_type0(csid, 8 * 1024 * 1024 - 1) + b"x" * 10 for csid in range(4, 13)))
+    return s.getsockname()[1], s
+
+
+def many_chunk_streams(port: int) -> tuple[int, socket.socket]:
+    """After connect, every chunk stream id there is, each with a small message."""
+    s = _connected(port)
+    _send_quietly(s, b"".join(bytes([0, i]) + _type0(0, 10, 8)[1:] + b"x" * 10 for i in range(256)))
+    return s.getsockname()[1], s
+
+
+def zero_length_flood(port: int) -> tuple[int, socket.socket]:
+    """One zero-length message header, then 256 KiB of one-byte zero-length messages."""
+    s = _connected(port)
+    _send_quietly(s, _type0(4, 0, 8) + b"\xc4" * 262_144)
+    return s.getsockname()[1], s
+
+
+def amf0_values_flood(port: int) -> tuple[int, socket.socket]:
+    """A data message of a million AMF0 NULLs after connect."""
+    s = _connected(port)
+    # The client's chunk size stays 128: the message goes in 128-byte chunks.
+    _send_quietly(s, rtmp_chunks(4, 0, 18, 1, media.amf0("@setDataFrame", "onMetaData") + b"\x05" * 1_000_000))
+    return s.getsockname()[1], s
+
+
+def delete_stream_nan(port: int) -> tuple[int, socket.socket]:
+    s = _connected(port)
+    _send_quietly(s, rtmp_command("deleteStream", 0, None, float("nan")))
+    return s.getsockname()[1], s
+
+
 ATTACKS = {
     # name: (function, /reason pattern/)
     "garbage instead of a handshake": (garbage, r"version|handshake|protocol|invalid|unsupported"),
@@ -147,6 +200,11 @@ ATTACKS = {
     "AMF0 truncated": (amf_truncated, r"amf|decode|malformed|invalid|truncat|short|end"),
     "publish before connect": (publish_before_connect, r"connect"),
     "vanished mid-chunk": (vanish_mid_chunk, r"reset|lost|mid|incomplete|partial|broken|truncat"),
+    "8 MiB announced before connect": (announced_lengths, r"exceeds the limit of 8192"),
+    "256 chunk streams": (many_chunk_streams, r"chunk stream .* limit"),
+    "zero-length message flood": (zero_length_flood, r"zero-length messages"),
+    "a million AMF0 values": (amf0_values_flood, r"more than 10000 values"),
+    "deleteStream NaN": (delete_stream_nan, r"stream id nan is not a whole number"),
 }
 
 

@@ -10,6 +10,10 @@ from .errors import ProtocolError
 NUMBER, BOOLEAN, STRING, OBJECT, NULL, UNDEFINED, REFERENCE, ECMA_ARRAY = 0, 1, 2, 3, 5, 6, 7, 8
 OBJECT_END, STRICT_ARRAY, DATE, LONG_STRING = 9, 10, 11, 12
 MAX_DEPTH = 64
+MAX_VALUES = 10_000
+"""Values one message may decode to (each key/value pair counts one): real
+commands and onMetaData hold a few dozen; an 8 MiB message of one-byte
+values would otherwise become millions of objects."""
 
 _double = struct.Struct(">d")
 _u16 = struct.Struct(">H")
@@ -90,15 +94,24 @@ def _encode(out: bytearray, value: Any, depth: int) -> None:
         raise ValueError(f"cannot encode {type(value).__name__} as AMF0")
 
 
-def decode(data: bytes | memoryview) -> list[Any]:
-    """Every value in `data`, in order. Raises ProtocolError on malformed input."""
+def decode(data: bytes | memoryview, max_values: int = MAX_VALUES) -> list[Any]:
+    """Every value in `data`, in order. Raises ProtocolError on malformed input,
+    and when `data` holds more than `max_values` values."""
     buf = bytes(data)
     values = []
     pos = 0
+    budget = [max_values, max_values]
     while pos < len(buf):
-        value, pos = _decode(buf, pos, 0)
+        value, pos = _decode(buf, pos, 0, budget)
         values.append(value)
     return values
+
+
+def _spend(budget: list[int]) -> None:
+    """budget: [values left, the limit]."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ProtocolError(f"AMF0 message holds more than {budget[1]} values")
 
 
 def _need(buf: bytes, pos: int, size: int) -> None:
@@ -119,19 +132,20 @@ def _decode_str(buf: bytes, pos: int, long: bool) -> tuple[str, int]:
     return text, pos + size
 
 
-def _decode_pairs(buf: bytes, pos: int, depth: int, into: dict[str, Any]) -> int:
+def _decode_pairs(buf: bytes, pos: int, depth: int, into: dict[str, Any], budget: list[int]) -> int:
     while True:
         _need(buf, pos, 3)
         if buf[pos : pos + 3] == b"\x00\x00\x09":
             return pos + 3
         key, pos = _decode_str(buf, pos, False)
-        value, pos = _decode(buf, pos, depth + 1)
+        value, pos = _decode(buf, pos, depth + 1, budget)
         into[key] = value
 
 
-def _decode(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
+def _decode(buf: bytes, pos: int, depth: int, budget: list[int]) -> tuple[Any, int]:
     if depth > MAX_DEPTH:
         raise ProtocolError(f"AMF0 nesting deeper than {MAX_DEPTH}")
+    _spend(budget)
     _need(buf, pos, 1)
     marker = buf[pos]
     pos += 1
@@ -151,11 +165,11 @@ def _decode(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
         return Undefined, pos
     if marker == OBJECT:
         obj: dict[str, Any] = {}
-        return obj, _decode_pairs(buf, pos, depth, obj)
+        return obj, _decode_pairs(buf, pos, depth, obj, budget)
     if marker == ECMA_ARRAY:
         _need(buf, pos, 4)
         array = ECMAArray()
-        return array, _decode_pairs(buf, pos + 4, depth, array)
+        return array, _decode_pairs(buf, pos + 4, depth, array, budget)
     if marker == STRICT_ARRAY:
         _need(buf, pos, 4)
         count = _u32.unpack_from(buf, pos)[0]
@@ -164,7 +178,7 @@ def _decode(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
             raise ProtocolError(f"AMF0 strict array claims {count} items in {len(buf) - pos} bytes")
         items = []
         for _ in range(count):
-            item, pos = _decode(buf, pos, depth + 1)
+            item, pos = _decode(buf, pos, depth + 1, budget)
             items.append(item)
         return items, pos
     if marker == DATE:

@@ -4,6 +4,12 @@ The reader never mutates a chunk stream's state until a whole chunk (header,
 extended timestamp and payload) is in the buffer, so input split anywhere
 gives the same messages. Set Chunk Size and Abort take effect inside the
 reader, between two chunks, as the spec requires.
+
+Memory follows what the peer sent, never what it announced: a message buffer
+grows chunk by chunk (a header may claim 16 MiB and send 10 bytes), the chunk
+streams of one connection are capped, and the bytes held in unfinished
+messages are capped. After a ProtocolError the reader is failed: the bytes it
+had committed are consumed and every later feed raises the same error.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ EXTENDED = 0xFFFFFF
 MAX_CHUNK_SIZE = 16 * 1024 * 1024
 SET_CHUNK_SIZE, ABORT = 1, 2
 _HEADER_SIZES = (11, 7, 3, 0)
+MAX_CHUNK_STREAMS = 32
+"""Chunk streams one connection may open; encoders use fewer than ten."""
+MAX_EMPTY_MESSAGES = 64
+"""Zero-length messages carry nothing; a connection sending more is hostile
+(each costs a parse step for one input byte)."""
 
 
 class RawMessage(msgspec.Struct, gc=False):
@@ -28,7 +39,7 @@ class RawMessage(msgspec.Struct, gc=False):
 
 
 class _InStream:
-    __slots__ = ("timestamp", "field", "length", "type_id", "stream_id", "extended", "message", "filled")
+    __slots__ = ("timestamp", "field", "length", "type_id", "stream_id", "extended", "message")
 
     def __init__(self) -> None:
         self.timestamp = 0
@@ -39,7 +50,7 @@ class _InStream:
         self.stream_id = 0
         self.extended = False
         self.message: bytearray | None = None
-        self.filled = 0
+        """The unfinished message, grown by each chunk that arrives."""
 
 
 def check_chunk_size(value: int) -> int:
@@ -52,16 +63,34 @@ class ChunkReader:
     def __init__(self, max_message_size: int) -> None:
         self.chunk_size = 128
         self.max_message_size = max_message_size
+        """The longest message accepted; the caller may change it between feeds."""
         self.streams: dict[int, _InStream] = {}
+        self.held = 0
+        """Bytes held in unfinished messages (what the peer sent of them)."""
+        self.empty_messages = 0
+        self.failed: ProtocolError | None = None
         self._buf = bytearray()
 
     @property
     def buffered(self) -> int:
         """Bytes held: an unfinished chunk plus the parts of unfinished messages."""
-        partial = sum(st.filled for st in self.streams.values() if st.message is not None)
-        return len(self._buf) + partial
+        return len(self._buf) + self.held
+
+    @property
+    def max_held(self) -> int:
+        """Cap on `held`: one message at the limit plus as much interleaved."""
+        return 2 * self.max_message_size
 
     def feed(self, data: bytes | memoryview) -> list[RawMessage]:
+        if self.failed is not None:
+            raise ProtocolError(f"chunk stream already failed: {self.failed}")
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self.failed = exc
+            raise
+
+    def _feed(self, data: bytes | memoryview) -> list[RawMessage]:
         buf = self._buf
         buf += data
         out: list[RawMessage] = []
@@ -124,7 +153,7 @@ class ChunkReader:
                         field = ext_value
                         hpos += 4
                 if continuing:
-                    remaining = length - st.filled  # type: ignore[union-attr]
+                    remaining = length - len(st.message)  # type: ignore[union-attr, arg-type]
                 else:
                     if length > self.max_message_size:
                         raise ProtocolError(
@@ -137,8 +166,17 @@ class ChunkReader:
                     break
                 # The whole chunk is here: commit.
                 if st is None:
+                    if len(streams) >= MAX_CHUNK_STREAMS:
+                        raise ProtocolError(
+                            f"chunk stream {csid} would be the {len(streams) + 1}th on this "
+                            f"connection (limit {MAX_CHUNK_STREAMS})"
+                        )
                     st = streams[csid] = _InStream()
                 if not continuing:
+                    if st.message is not None:
+                        # A new header on a stream mid-message drops the unfinished one.
+                        self.held -= len(st.message)
+                        st.message = None
                     if fmt == 0:
                         st.timestamp = field
                     else:
@@ -148,28 +186,56 @@ class ChunkReader:
                     if fmt < 3:
                         st.extended = extended
                     st.length, st.type_id, st.stream_id = length, type_id, stream_id
-                    st.message = bytearray(length)
-                    st.filled = 0
+                    if length == 0:
+                        pos = hpos
+                        self.empty_messages += 1
+                        if self.empty_messages > MAX_EMPTY_MESSAGES:
+                            raise ProtocolError(
+                                f"more than {MAX_EMPTY_MESSAGES} zero-length messages on this connection"
+                            )
+                        continue
+                    if size == length:
+                        # A message in one chunk: no buffer to grow.
+                        pos = hpos + size
+                        message = bytearray(view[hpos:pos])
+                        self._complete(message, csid, type_id, stream_id, st.timestamp, out)
+                        continue
+                    st.message = bytearray()
                 message = st.message
                 assert message is not None
-                message[st.filled : st.filled + size] = view[hpos : hpos + size]
-                st.filled += size
+                message += view[hpos : hpos + size]
                 pos = hpos + size
-                if st.filled == length:
+                if len(message) == length:
                     st.message = None
-                    payload = memoryview(message)
-                    if type_id == SET_CHUNK_SIZE and stream_id == 0 and length >= 4:
-                        self.chunk_size = check_chunk_size(int.from_bytes(message[:4], "big") & 0x7FFFFFFF)
-                    elif type_id == ABORT and length >= 4:
-                        aborted = streams.get(int.from_bytes(message[:4], "big"))
-                        if aborted is not None:
-                            aborted.message = None
-                    out.append(RawMessage(csid, type_id, stream_id, st.timestamp, payload))
+                    self.held -= length - size
+                    self._complete(message, csid, type_id, stream_id, st.timestamp, out)
+                else:
+                    self.held += size
+                    if self.held > self.max_held:
+                        raise ProtocolError(
+                            f"{self.held} bytes held in unfinished messages exceed the "
+                            f"limit of {self.max_held}"
+                        )
         finally:
             view.release()
-        if pos:
-            del buf[:pos]
+            if pos:
+                # Committed chunks are consumed even when a later one fails.
+                del buf[:pos]
         return out
+
+    def _complete(
+        self, message: bytearray, csid: int, type_id: int, stream_id: int, timestamp: int,
+        out: list[RawMessage],
+    ) -> None:
+        payload = memoryview(message)
+        if type_id == SET_CHUNK_SIZE and stream_id == 0 and len(message) >= 4:
+            self.chunk_size = check_chunk_size(int.from_bytes(message[:4], "big") & 0x7FFFFFFF)
+        elif type_id == ABORT and len(message) >= 4:
+            aborted = self.streams.get(int.from_bytes(message[:4], "big"))
+            if aborted is not None and aborted.message is not None:
+                self.held -= len(aborted.message)
+                aborted.message = None
+        out.append(RawMessage(csid, type_id, stream_id, timestamp, payload))
 
 
 class ChunkWriter:

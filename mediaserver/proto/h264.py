@@ -55,12 +55,19 @@ def nal_types(nals: Iterable[bytes]) -> list[int]:
     return [nal[0] & 0x1F for nal in nals]
 
 
+MAX_PARAMETER_SET = 0xFFFF
+"""An AVCDecoderConfigurationRecord stores each SPS/PPS length in 16 bits."""
+
+
 def avc_config(sps: bytes, pps: bytes) -> bytes:
     """An AVCDecoderConfigurationRecord (ISO/IEC 14496-15 5.2.4.1) for one SPS and one PPS."""
     if len(sps) < 4:
         raise ProtocolError(f"H.264 SPS of {len(sps)} bytes is too short")
     if not pps:
         raise ProtocolError("empty H.264 PPS")
+    for kind, nal in (("SPS", sps), ("PPS", pps)):
+        if len(nal) > MAX_PARAMETER_SET:
+            raise ProtocolError(f"H.264 {kind} of {len(nal)} bytes does not fit a 16-bit length")
     return b"".join(
         (
             bytes((1, sps[1], sps[2], sps[3], 0xFF, 0xE1)),  # version, profile, compat, level, 4-byte lengths, 1 SPS
@@ -96,6 +103,9 @@ class AccessUnits:
         new_config = None
         if NAL_SPS in types or NAL_PPS in types:
             for nal, kind in zip(nals, types):
+                if kind in (NAL_SPS, NAL_PPS) and len(nal) > MAX_PARAMETER_SET:
+                    # Refused before it replaces the sets in use: later frames still decode.
+                    raise ProtocolError(f"H.264 parameter set of {len(nal)} bytes does not fit a 16-bit length")
                 if kind == NAL_SPS:
                     self.sps = nal
                 elif kind == NAL_PPS:

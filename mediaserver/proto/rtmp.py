@@ -24,6 +24,9 @@ STREAM_BEGIN, PING_REQUEST, PING_RESPONSE = 0, 6, 7
 CSID_CONTROL, CSID_COMMAND, CSID_STREAM, CSID_AUDIO, CSID_VIDEO = 2, 3, 5, 6, 7
 
 _HANDSHAKE_C0C1 = 1 + handshake.SIZE
+PRE_CONNECT_MESSAGE_SIZE = 8192
+"""Longest message accepted before `connect`: commands of a few hundred bytes
+are all a client sends then, and nobody has been let in yet."""
 
 
 # -- events -------------------------------------------------------------------
@@ -85,6 +88,13 @@ class PublishStatus(msgspec.Struct, gc=False):
     code: str
     level: str
     description: str
+
+
+def _stream_id(value: float) -> int:
+    """A stream id sent as an AMF0 number: a whole number in 0..2**32-1."""
+    if not (0 <= value <= 0xFFFFFFFF) or value != int(value):  # NaN fails the range test
+        raise ProtocolError(f"stream id {value!r} is not a whole number in 0..4294967295")
+    return int(value)
 
 
 def _command(payload: memoryview, type_id: int) -> list[Any]:
@@ -150,7 +160,8 @@ class ServerConnection(_Connection):
         out_chunk_size: int = 4096,
         window_ack_size: int = 2_500_000,
     ) -> None:
-        super().__init__(out_chunk_size, max_message_size, compress=False)
+        super().__init__(out_chunk_size, min(max_message_size, PRE_CONNECT_MESSAGE_SIZE), compress=False)
+        self._max_message_size = max_message_size
         self._hs = bytearray()
         self._hs_stage = 0  # 0: waiting C0+C1, 1: waiting C2, 2: done
         self._own_window = window_ack_size
@@ -241,6 +252,8 @@ class ServerConnection(_Connection):
             if self._connect_requested:
                 raise ProtocolError("second connect on one connection")
             self._connect_requested = True
+            # Only now may messages be as large as media needs.
+            self._reader.max_message_size = self._max_message_size
             props = values[2] if len(values) > 2 and isinstance(values[2], dict) else {}
             self._connect_txid = txid
             encoding = props.get("objectEncoding", 0.0)
@@ -274,7 +287,7 @@ class ServerConnection(_Connection):
             events.append(PublishRequest(stream_id, name_part, query, kind))
         elif name in ("FCUnpublish", "deleteStream", "closeStream"):
             if name == "deleteStream":
-                stream_id = int(args[0]) if args and isinstance(args[0], float) else message.stream_id
+                stream_id = _stream_id(args[0]) if args and isinstance(args[0], float) else message.stream_id
             else:
                 stream_id = message.stream_id or min(self._publishing, default=0)
             if stream_id in self._publishing:

@@ -94,6 +94,11 @@ class RtmpConnection(asyncio.Protocol):
             self._flush()
             self.disconnect(f"protocol error: {exc}", level=logging.WARNING)
             return
+        except Exception as exc:  # a parser bug must cost this connection only, with a reason
+            self.disconnect(
+                f"internal error parsing input: {type(exc).__name__}: {exc}", level=logging.ERROR
+            )
+            return
         self._dispatch(events)
         self._flush()
 
