@@ -215,17 +215,22 @@ def test_crashing_generation_is_reverted_automatically(tmp_path):
         report = await rig.code.apply("1.0.1")
         assert report.ok, report.error
         session = rig.streams.live["a"].session
+        handled = session.handled
         for _ in range(2):
-            session.deliver(wire.Tick(now=0.0))  # crash, retry crash, quarantine
+            session.deliver(wire.Tick(now=0.0))  # one crash each (try + retry), held
+        assert session.quarantined == 2 and len(session.held) == 2
+        assert rig.versions() == {"1.0.1"}
+        session.deliver(wire.Tick(now=0.0))  # third crash: reverted before its retry
+        assert rig.versions() == {"1.0.0"}  # synchronously, in the crash report
         await asyncio.sleep(0.05)
-        return session
+        return session, handled
 
-    session = run(scenario())
-    assert rig.versions() == {"1.0.0"}
+    session, handled = run(scenario())
     assert [r.action for r in rig.code.history] == ["apply", "auto_revert"]
-    assert session.quarantined == 2
-    dead = (tmp_path / "data" / "dead-letters" / "a.jsonl").read_text().splitlines()
-    assert len(dead) == 2 and "tick bug" in dead[0]
+    assert rig.code.history[-1].rehandled == 2
+    assert session.crashes == 3 and not session.restarts  # the reverted generation's crashes are forgiven
+    assert session.quarantined == 0 and session.handled == handled + 3  # all three ticks handled by 1.0.0
+    assert not (tmp_path / "data" / "dead-letters" / "a.jsonl").exists()
     rig.frames("a", 5)
     assert session.handled > 10
 
@@ -242,11 +247,14 @@ def test_crash_intensity_stops_the_session_with_a_reason(tmp_path):
         edits={"stream.py": ('    if kind == "tick":\n', '    if kind == "tick":\n        raise RuntimeError("tick bug")\n')},
     )
     assert run(rig.code.apply("1.0.1")).ok
-    session.deliver(wire.Tick(now=0.0))  # 2 crashes
+    for _ in range(3):
+        session.deliver(wire.Tick(now=0.0))  # one crash per failing message
     assert not session.stopped
     session.deliver(wire.Tick(now=0.0))  # 4 crashes > 3
     assert session.stopped
     assert "crashed 4 times" in rig.publishers["a"].disconnected
+    dead = (tmp_path / "data" / "dead-letters" / "a.jsonl").read_text().splitlines()
+    assert len(dead) == 3  # the held messages go to the dead letters when the session stops
     assert "a" not in rig.streams.live
     playlist = (tmp_path / "data" / "hls" / "a" / "index.m3u8")
     assert playlist.read_text().rstrip().endswith("#EXT-X-ENDLIST")

@@ -39,4 +39,27 @@ def test_forbidden_constructs_are_refused(source, expected):
 
 
 def test_relative_imports_and_msgspec_are_fine():
-    assert reasons("from . import state\nfrom .effects import CODEC\nimport msgspec\nimport numpy as np\n") == []
+    assert reasons("from . import state\nfrom .effects import CODEC\nimport msgspec\nimport math\n") == []
+
+
+@pytest.mark.parametrize(
+    "source, name",
+    [
+        ("open('/tmp/x', 'w')\n", "open"),
+        ("def handle(state, message):\n    with open('/tmp/x') as f:\n        return f.read()\n", "open"),
+        ("f = open\n", "open"),
+        ("import numpy\n", "numpy"),
+        ("import pathlib\n", "pathlib"),
+        ("import io\n", "io"),
+        ("import socket\n", "socket"),
+        ("from subprocess import run\n", "subprocess"),
+        ("x = __builtins__\n", "__builtins__"),
+        ("x = (1).__class__.__subclasses__\n", "__subclasses__"),
+    ],
+)
+def test_io_is_refused_with_file_line_and_name(source, name):
+    found = check_source(("\n" + source).encode(), "pkg/x.py")
+    assert found, source
+    text = str(found[0])
+    assert text.startswith("pkg/x.py:2:") or text.startswith("pkg/x.py:3:"), text
+    assert f"`{name}" in text, text

@@ -11,6 +11,7 @@ generation. Purging removes the modules, the finder's sources and the
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import importlib
 import importlib.abc
@@ -19,6 +20,7 @@ import importlib.util
 import itertools
 import linecache
 import sys
+import traceback
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,12 +192,40 @@ def _discard(prepared: _Prepared) -> None:
 
 
 def _fail(prepared: _Prepared, exc: BaseException) -> GenerationError:
+    where = _where(prepared, exc)
     _discard(prepared)
     if isinstance(exc, GenerationError):
         return exc
     return GenerationError(
-        f"loading logic from {prepared.source_dir} failed: {type(exc).__name__}: {exc}"
+        f"loading logic from {prepared.source_dir} failed{where}: {type(exc).__name__}: {exc}"
     )
+
+
+def _where(prepared: _Prepared, exc: BaseException) -> str:
+    """` at FILE:LINE`, the innermost line of this generation's code that raised."""
+    filenames = {source.filename for source in prepared.sources.values()}
+    found = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if frame.filename in filenames:
+            found = f" at {frame.filename.rsplit(' [g', 1)[0]}:{frame.lineno}"
+    return found
+
+
+def read_version(source_dir: Path) -> str:
+    """The `VERSION = "x.y.z"` of `source_dir/__init__.py`, read from its AST (nothing runs)."""
+    path = source_dir / "__init__.py"
+    try:
+        tree = ast.parse(path.read_bytes(), str(path))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise GenerationError(f"cannot read VERSION from {path}: {exc}") from None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == "VERSION" for t in targets):
+            value = getattr(node, "value", None)
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                return value.value
+            raise GenerationError(f"{path}:{node.lineno}: VERSION must be a string literal")
+    raise GenerationError(f"{path} has no VERSION = \"...\" at module level")
 
 
 def load_generation(source_dir: Path, extra_modules: dict[str, Path] | None = None) -> Generation:

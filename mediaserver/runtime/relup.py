@@ -26,7 +26,7 @@ import msgspec
 
 from ..config import RelupConfig
 from ..logsetup import event
-from .generation import Generation, GenerationError, load_generation_async, purge
+from .generation import Generation, GenerationError, load_generation_async, purge, read_version
 from .relup_paths import RelupPathError, check_package_tree, resolve_package
 from .relup_spec import RelupSpec, RelupSpecError, read_spec
 from .session import Session
@@ -46,6 +46,14 @@ class SessionError(msgspec.Struct):
     reason: str
 
 
+class SessionResult(msgspec.Struct):
+    """What preflight found for one live session (every session, ok or not)."""
+
+    stream: str
+    ok: bool
+    detail: str
+
+
 class RelupReport(msgspec.Struct):
     ok: bool
     action: str
@@ -58,6 +66,9 @@ class RelupReport(msgspec.Struct):
     """How long the synchronous switch pass held the event loop."""
     error: str = ""
     session_errors: list[SessionError] = []
+    session_results: list[SessionResult] = []
+    rehandled: int = 0
+    """Quarantined messages handed back to the generation reverted to."""
     at: float = 0.0
 
 
@@ -94,11 +105,11 @@ class CodeServer:
         self.history: list[RelupReport] = []
         self.lock = asyncio.Lock()
         """One lock for apply, revert and auto-revert."""
-        self._auto_revert: asyncio.Task[Any] | None = None
         self.report_listeners: list[Callable[[RelupReport], None]] = []
         self.counts: dict[str, int] = {}
         """(action, ok|refused) -> how many, for metrics; history itself is capped."""
         streams.crash_listeners.append(self._on_crash)
+        streams.revertible = self._revertible
 
     @property
     def relups_dir(self) -> Path:
@@ -118,7 +129,10 @@ class CodeServer:
         started = time.perf_counter()
         action = "dry_run" if dry_run else "apply"
         from_version = self.current.version
-        report = RelupReport(False, action, from_version, "?", at=time.time())
+        base = self.current
+        report = RelupReport(
+            False, action, from_version, "?", sessions=self._live_count(), at=time.time()
+        )
         generation: Generation | None = None
         try:
             package = self._find_package(requested)
@@ -126,6 +140,11 @@ class CodeServer:
             spec = read_spec(package / "relup.toml")
             report.to_version = spec.to_version
             # The version check comes before any code of the package runs.
+            if package.name != spec.to_version:
+                raise RelupSpecError(
+                    f"relup directory {package.name} says to = {spec.to_version}: "
+                    "the directory must be named after the version it upgrades to"
+                )
             if spec.from_version != from_version:
                 raise RelupSpecError(
                     f"relup {package.name} upgrades from {spec.from_version}, "
@@ -139,6 +158,12 @@ class CodeServer:
             migrations = package / "migrations.py"
             if not logic_dir.is_dir():
                 raise RelupSpecError(f"relup {package.name} has no {spec.load.path}/ directory")
+            declared = read_version(logic_dir)  # from the AST: nothing runs
+            if declared != spec.to_version:
+                raise RelupSpecError(
+                    f"relup {package.name} says to = {spec.to_version}, "
+                    f"but its logic has VERSION = {declared}"
+                )
             extra = {MIGRATIONS_MODULE: migrations} if spec.updates else {}
             generation = await load_generation_async(logic_dir, extra)
             if generation.version != spec.to_version:
@@ -149,7 +174,8 @@ class CodeServer:
             up, down = self._migrations(generation, spec)
             sessions = self.streams.sessions()
             report.sessions = len(sessions)
-            errors = await self._preflight(sessions, generation, up, down)
+            errors, results = await self._preflight(sessions, generation, up, down)
+            report.session_results = results
             if errors:
                 report.session_errors = errors
                 raise RelupSpecError(
@@ -159,6 +185,11 @@ class CodeServer:
             if dry_run:
                 report.ok = True
                 return report
+            if self.current is not base:
+                raise RelupSpecError(
+                    f"the running generation changed during preflight (now {self.current.version}, "
+                    "an automatic revert): nothing switched; apply again"
+                )
             report.switch_ms, report.sessions = self._switch(generation, up, down, self.current)
             self.applied.append(
                 Applied(spec, package, self.current, generation, up, down, time.monotonic())
@@ -218,8 +249,9 @@ class CodeServer:
 
     async def _preflight(
         self, sessions: list[Session], generation: Generation, up: Migration, down: Migration
-    ) -> list[SessionError]:
+    ) -> tuple[list[SessionError], list[SessionResult]]:
         errors: list[SessionError] = []
+        results: list[SessionResult] = []
         for index, session in enumerate(sessions):
             if index and index % PREFLIGHT_CHUNK == 0:
                 await asyncio.sleep(0)
@@ -232,14 +264,23 @@ class CodeServer:
                 stage = "down migration (revert proof)"
                 back = _migrate(migrated, down, old_generation.state_type)
                 if back != session.state:
-                    raise ValueError("down(up(state)) differs from the state")
+                    raise ValueError(
+                        "down(up(state)) differs from the state in "
+                        + state_diff(msgspec.to_builtins(session.state), msgspec.to_builtins(back))
+                    )
                 stage = "replay of recent messages"
                 state = migrated
-                for message in list(session.recent):
+                replayed = list(session.recent)
+                for message in replayed:
                     state, _ = generation.handle(state, message)
+                results.append(SessionResult(
+                    session.name, True,
+                    f"up migration valid, down(up(state)) == state, {len(replayed)} recent messages replayed",
+                ))
             except BaseException as exc:  # user code can raise anything
                 errors.append(SessionError(session.name, stage, _text(exc)))
-        return errors
+                results.append(SessionResult(session.name, False, f"{stage}: {_text(exc)}"))
+        return errors, results
 
     def _switch(
         self, generation: Generation, up: Migration, down: Migration, expected: Generation
@@ -257,7 +298,9 @@ class CodeServer:
             if collecting:
                 gc.enable()
 
-    def _switch_all(self, generation: Generation, up: Migration, expected: Generation) -> tuple[float, int]:
+    def _switch_all(
+        self, generation: Generation, up: Migration, expected: Generation, back_from: Generation | None = None
+    ) -> tuple[float, int]:
         started = time.perf_counter()
         results: list[tuple[Session, Any]] = []
         errors: list[SessionError] = []
@@ -276,36 +319,85 @@ class CodeServer:
         if errors:
             raise _SwitchAborted(errors)
         for session, state in results:
-            session.change_code(generation, state)
+            if back_from is None:
+                session.release_held()  # moving on: what the old generation failed stays failed
+                session.change_code(generation, state)
+            else:
+                session.return_to(generation, state, back_from)
         return round((time.perf_counter() - started) * 1000, 3), len(results)
 
     # -- revert ----------------------------------------------------------------
 
     async def revert(self, reason: str = "operator request", action: str = "revert") -> RelupReport:
         async with self.lock:
-            started = time.perf_counter()
-            report = RelupReport(False, action, self.current.version, "?", at=time.time())
-            try:
-                if not self.applied:
-                    raise RelupSpecError(f"nothing to revert: {self.current.version} is the base version")
-                top = self.applied[-1]
-                report.to_version = top.previous.version
-                report.switch_ms, report.sessions = self._switch(
-                    top.previous, top.down, top.up, top.generation
-                )
-                self.applied.pop()
-                self.current = top.previous
-                self.streams.generation = top.previous
-                purge(top.generation)
-                report.ok = True
-                event(log, logging.WARNING, "relup reverted", version=self.current.version, reason=reason)
-            except (RelupSpecError, _SwitchAborted) as exc:
-                report.error = str(exc)
-                if isinstance(exc, _SwitchAborted):
-                    report.session_errors = exc.errors
-            report.duration_ms = round((time.perf_counter() - started) * 1000, 3)
-            self._record(report)
-            return report
+            return self._revert_now(reason, action)
+
+    def _revert_now(self, reason: str, action: str) -> RelupReport:
+        """The revert itself, synchronous: the previous generation is still loaded.
+
+        The automatic revert calls this from the crash report itself, so the
+        sessions of the failing generation are moved back before another of
+        their messages is handled. Every switch is one synchronous pass, so this
+        cannot interleave with another; an apply whose preflight was overtaken
+        by it is refused at its switch.
+        """
+        started = time.perf_counter()
+        report = RelupReport(
+            False, action, self.current.version, "?", sessions=self._live_count(), at=time.time()
+        )
+        try:
+            if not self.applied:
+                raise RelupSpecError(f"nothing to revert: {self.current.version} is the base version")
+            top = self.applied[-1]
+            report.to_version = top.previous.version
+            report.switch_ms, _, report.rehandled = self._switch_back(top)
+            self.applied.pop()
+            self.current = top.previous
+            self.streams.generation = top.previous
+            purge(top.generation)
+            report.ok = True
+            event(
+                log, logging.WARNING, "relup reverted", version=self.current.version, reason=reason,
+                rehandled=report.rehandled,
+            )
+        except (RelupSpecError, _SwitchAborted) as exc:
+            report.error = str(exc)
+            if isinstance(exc, _SwitchAborted):
+                report.session_errors = exc.errors
+        report.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+        self._record(report)
+        return report
+
+    def _switch_back(self, top: Applied) -> tuple[float, int, int]:
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            switch_ms, moved = self._switch_all(top.previous, top.down, top.generation, back_from=top.generation)
+        finally:
+            if collecting:
+                gc.enable()
+        rehandled = 0
+        for session in self.streams.sessions():
+            if session.mailbox and session.generation is top.previous:
+                rehandled += session._front
+                self._drain_soon(session)
+        return switch_ms, moved, rehandled
+
+    @staticmethod
+    def _drain_soon(session: Session) -> None:
+        """Handle what the revert put back, after the current message (never inside it)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            session.drain()
+        else:
+            loop.call_soon(session.drain)
+
+    def _revertible(self, generation: Generation) -> bool:
+        return bool(self.applied) and generation is self.applied[-1].generation
+
+    def _live_count(self) -> int:
+        return sum(1 for session in self.streams.sessions() if not session.stopped)
 
     def _on_crash(self, session: Session) -> None:
         if not self.applied or session.generation is not self.applied[-1].generation:
@@ -314,19 +406,13 @@ class CodeServer:
         if time.monotonic() - top.applied_at > self.config.auto_revert_window:
             return
         top.crashes += 1
-        if top.crashes >= self.config.auto_revert_crashes and self._auto_revert is None:
+        if top.crashes >= self.config.auto_revert_crashes:
             reason = (
                 f"{top.crashes} handler crashes on {top.generation.version} within "
                 f"{self.config.auto_revert_window:g} s of its relup"
             )
             event(log, logging.ERROR, "automatic revert", version=top.generation.version, reason=reason)
-            self._auto_revert = asyncio.get_running_loop().create_task(self._run_auto_revert(reason))
-
-    async def _run_auto_revert(self, reason: str) -> None:
-        try:
-            await self.revert(reason, action="auto_revert")
-        finally:
-            self._auto_revert = None
+            self._revert_now(reason, "auto_revert")
 
     # -- reporting -------------------------------------------------------------
 
@@ -383,3 +469,24 @@ def _migrate(state: Any, migration: Migration, target: type) -> Any:
     if not isinstance(result, dict):
         raise TypeError(f"migration returned {type(result).__name__}, not dict")
     return msgspec.convert(result, target)
+
+
+def state_diff(before: Any, after: Any, path: str = "") -> str:
+    """The fields where `after` differs from `before`, with both values."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        parts = []
+        for key in list(before) + [k for k in after if k not in before]:
+            where = f"{path}.{key}" if path else str(key)
+            if key not in after:
+                parts.append(f"{where} (was {_short(before[key])}, now missing)")
+            elif key not in before:
+                parts.append(f"{where} (was missing, now {_short(after[key])})")
+            elif before[key] != after[key]:
+                parts.append(state_diff(before[key], after[key], where))
+        return ", ".join(parts)
+    return f"{path or 'state'} (was {_short(before)}, now {_short(after)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

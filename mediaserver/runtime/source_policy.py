@@ -11,15 +11,19 @@ from dataclasses import dataclass
 
 ALLOWED_IMPORTS = frozenset(
     {
-        "__future__", "msgspec", "numpy", "typing", "dataclasses", "enum", "math", "copy",
+        "__future__", "msgspec", "typing", "dataclasses", "enum", "math", "copy",
         "collections", "itertools", "functools", "fractions", "bisect", "heapq", "re",
         "operator", "statistics", "struct", "zlib", "binascii", "base64", "abc",
     }
 )
-"""Top-level modules logic may import absolutely: pure, stateless libraries."""
+"""Top-level modules logic (and migrations) may import absolutely: pure libraries
+that do no I/O. numpy is not one of them (np.load, np.save, tofile, memmap)."""
 
 FORBIDDEN_CALLS = frozenset({"exec", "eval", "compile", "__import__", "breakpoint", "globals", "setattr"})
 FORBIDDEN_NAMES = frozenset({"importlib", "threading", "_thread", "signal", "weakref", "sys", "os"})
+IO_NAMES = frozenset({"open", "input", "print", "__builtins__", "__loader__", "__spec__", "__file__"})
+"""Builtins that do I/O or reach the interpreter's internals: logic returns effects instead."""
+FORBIDDEN_ATTRIBUTES = frozenset({"__globals__", "__builtins__", "__subclasses__", "__code__", "__loader__"})
 FORBIDDEN_METHODS = frozenset({"__del__"})
 
 
@@ -64,6 +68,10 @@ def check_source(text: bytes, filename: str) -> list[Violation]:
                 add(node, f"call to `{node.func.id}()` is not allowed in logic")
         elif isinstance(node, ast.Name) and node.id in FORBIDDEN_NAMES:
             add(node, f"use of `{node.id}` is not allowed in logic")
+        elif isinstance(node, ast.Name) and node.id in IO_NAMES:
+            add(node, f"use of `{node.id}` is not allowed in logic (no I/O: return an effect)")
+        elif isinstance(node, ast.Attribute) and node.attr in FORBIDDEN_ATTRIBUTES:
+            add(node, f"attribute `{node.attr}` is not allowed in logic")
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             if node.name in FORBIDDEN_METHODS:
                 add(node, "`__del__` is not allowed in logic (finalisers run at purge time)")

@@ -60,6 +60,8 @@ class Streams:
         self.preview_pool = PreviewPool(config.previews.workers)
         self.dead_letters = DeadLetters(Path(config.data_dir) / "dead-letters")
         self.crash_listeners: list[Callable[[Session], None]] = []
+        self.revertible: Callable[[Generation], bool] = lambda generation: False
+        """Whether a generation may still be reverted; set by the relup engine."""
         self.sessions_started = 0
         self.restarts_total = 0
         self.received: dict[str, dict[str, int]] = {}
@@ -152,6 +154,7 @@ class Streams:
             session.deliver(wire.End(now=time.time(), reason=reason))
             if session.stopped:
                 self._end_without_logic(session, reason)
+        session.release_held()
         event(
             log, logging.INFO, "publish ended",
             stream=name, client=live.publisher.client, reason=reason,
@@ -164,8 +167,10 @@ class Streams:
         for listener in list(self.crash_listeners):
             listener(session)
 
-    def quarantined(self, session: Session, message: Any, reason: str) -> None:
-        generation = session.generation
+    def can_revert(self, generation: Generation) -> bool:
+        return self.revertible(generation)
+
+    def quarantined(self, session: Session, message: Any, reason: str, generation: Generation) -> None:
         self.dead_letters.keep(session.name, generation.number, generation.version, message, reason)
 
     def give_up(self, session: Session, reason: str) -> None:
