@@ -56,10 +56,22 @@ def render(
 
 def write_atomically(path: Path, text: str) -> None:
     """Readers see the old playlist or the new one, never a partial file."""
+    # The temp file is made fresh (O_EXCL | O_NOFOLLOW): a symlink or FIFO
+    # planted under its name is removed, never followed or waited on; rename
+    # replaces whatever entry `path` was without following it.
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(fd, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:
+        os.unlink(tmp)
+        raise IsADirectoryError(f"playlist {path} is a directory; not replaced") from None
 
 
 @dataclass(slots=True)
