@@ -127,11 +127,13 @@ def _prepare(source_dir: Path, extra_modules: dict[str, Path], prepared: _Prepar
         except OSError as exc:
             raise GenerationError(f"cannot read {path}: {exc.strerror}") from None
     yield
+    violations = []
+    for text, path in files.values():  # every file checked before any is compiled, all refusals said
+        violations.extend(check_source(text, str(path)))
+    if violations:
+        raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
+    yield
     for relative, (text, path) in files.items():
-        violations = check_source(text, str(path))
-        if violations:
-            raise GenerationError("logic refused: " + "; ".join(str(v) for v in violations))
-        yield
         is_package = relative == "__init__" or relative.endswith(".__init__")
         dotted = relative.removesuffix("__init__").rstrip(".")
         fullname = f"{prepared.package_name}.{dotted}" if dotted else prepared.package_name
