@@ -160,11 +160,13 @@ async def publish(
     quit_event: asyncio.Event | None = None,
     progress: Path | None = None,
     answer_filter=None,
+    offer_filter=None,
 ) -> WhipResult:
     """Publish `path` over WHIP to `url` until the file (or `duration`) ends, or `quit_event`
     is set; DELETE at the end. `progress`: a file that gets ffmpeg-style progress blocks.
     `answer_filter`: str -> str applied to the answer before it is used (tests that put a relay
-    in the path rewrite the server's candidates with it)."""
+    in the path rewrite the server's candidates with it). `offer_filter`: likewise for the offer
+    as it is POSTed (tests that plant candidates in it)."""
     sources = read_packets(path)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     start: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -191,7 +193,10 @@ async def publish(
             connected.set()
 
     async with aiohttp.ClientSession() as http:
-        async with http.post(url, data=pc.localDescription.sdp, headers=headers) as response:
+        offer = pc.localDescription.sdp
+        if offer_filter is not None:
+            offer = offer_filter(offer)
+        async with http.post(url, data=offer, headers=headers) as response:
             body = await response.text()
             result = WhipResult(response.status, response.headers.get("Location"), body, states=states)
         if response.status != 201:

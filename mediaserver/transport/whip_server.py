@@ -95,6 +95,7 @@ class WhipPublish:
         self.video_config: bytes | None = None
         self.consumers: list[asyncio.Task[Any]] = []
         self.video_mode: str | None = None
+        self.dtls = "openssl"
         self.receivers: dict[str, RTCRtpReceiver] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.created = time.monotonic()
@@ -390,6 +391,11 @@ class WhipServer:
         except PublishRefused as exc:
             publish.end(f"refused once connected: {exc}", logging.WARNING)
             return False
+        event(
+            log, logging.INFO, "WHIP publish started",
+            stream=publish.name, client=publish.client, video=publish.video_mode or "none",
+            audio="opus->aac" if "audio" in publish.receivers else "none", dtls=publish.dtls,
+        )
         return True
 
     def _conflict(self, name: str) -> tuple[int, str] | None:
@@ -572,11 +578,8 @@ class WhipServer:
             self._hook_sender_reports(publish, kind, receiver)
             task = asyncio.get_running_loop().create_task(publish.consume(kind, receiver))
             publish.consumers.append(task)
-        event(
-            log, logging.INFO, "WHIP publish started",
-            stream=name, client=client, video=publish.video_mode or "none",
-            audio="opus->aac" if "audio" in kinds else "none", dtls=dtls,
-        )
+        publish.dtls = dtls
+        event(log, logging.INFO, "WHIP offer answered", stream=name, client=client, resource=resource)
         location = f"/live/{name}/whip/{resource}"
         return web.Response(
             status=201,
