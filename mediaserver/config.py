@@ -40,6 +40,16 @@ class RtmpConfig(_Section):
 class HttpConfig(_Section):
     host: str = "0.0.0.0"
     port: int = 8080
+    header_timeout: float = 10.0
+    """Seconds a client has to send a whole request header, from the connection
+    (or its first byte after a response); then it is closed (nginx's
+    client_header_timeout)."""
+    keepalive_timeout: float = 15.0
+    """Seconds an idle keep-alive connection stays open after a response."""
+    max_connections: int = 1000
+    """Open HTTP connections in total; more are answered 503 and closed."""
+    max_connections_per_client: int = 64
+    """Open HTTP connections from one client address; more get 429 and are closed."""
 
 
 class AdminConfig(_Section):

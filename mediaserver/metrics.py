@@ -23,6 +23,9 @@ from .runtime.streams import Streams
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RATE_WINDOW = 5.0
+RENDER_INTERVAL = 1.0
+"""Seconds a rendered /metrics page is served from memory: whatever the scrape
+rate, the collectors run at most once per interval on the event loop."""
 
 
 class RateSampler:
@@ -134,6 +137,9 @@ class ServerMetrics:
         self.registry.register(_Collector(self))
         code_server.report_listeners.append(self._on_report)
         self._task: asyncio.Task[None] | None = None
+        self._page = b""
+        self._rendered_at = float("-inf")
+        self.renders = 0
 
     def _on_report(self, report: RelupReport) -> None:
         if report.ok and report.action != "dry_run":
@@ -159,4 +165,13 @@ class ServerMetrics:
                 self.rates.sample()
 
     def render(self) -> bytes:
+        self.renders += 1
         return generate_latest(self.registry)
+
+    def page(self, now: float | None = None) -> bytes:
+        """The last rendered page, rendered again only when it is older than RENDER_INTERVAL."""
+        now = time.monotonic() if now is None else now
+        if now - self._rendered_at >= RENDER_INTERVAL:
+            self._page = self.render()
+            self._rendered_at = now
+        return self._page

@@ -7,17 +7,20 @@ stream's directory.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from aiohttp import web
 
 from ..config import HttpConfig, LimitsConfig
 from . import static_files
-from .listener import HttpListener
+from .http_guard import GuardedListener
 from .rtmp_server import NAME_PATTERN
+from .safe_files import read_regular
 
 SEGMENT_PATTERN = re.compile(r"seg[0-9]{1,20}\.ts")
 PLAYLIST = "index.m3u8"
@@ -27,6 +30,36 @@ CORS = {
     "Access-Control-Allow-Headers": "Range, Origin, Accept",
     "Access-Control-Expose-Headers": "Content-Length, Content-Range",
 }
+STATUS_INTERVAL = 1.0
+"""Seconds a status.json body is served from memory (it is rebuilt at most
+once per interval per URL, whatever the request rate)."""
+PLAYLIST_POLL = 0.05
+"""Seconds between looks for the first playlist of a stream being published."""
+PLAYLIST_WAIT_SEGMENTS = 3
+"""A request for a live stream's playlist waits up to this many segment
+targets for the first segment before it is 404."""
+
+
+class TimedCache:
+    """Bodies by key, each rebuilt when older than `interval` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.entries: dict[str, tuple[float, bytes]] = {}
+        self.builds = 0
+
+    def get(self, key: str, build: Callable[[], bytes]) -> bytes:
+        now = time.monotonic()
+        entry = self.entries.get(key)
+        if entry is not None and now - entry[0] < self.interval:
+            return entry[1]
+        if len(self.entries) > 1024:
+            # Keys are stream names a client chose: drop the stale ones, not all.
+            self.entries = {k: v for k, v in self.entries.items() if now - v[0] < self.interval}
+        body = build()
+        self.builds += 1
+        self.entries[key] = (now, body)
+        return body
 
 
 class HttpServer:
@@ -44,6 +77,7 @@ class HttpServer:
         self.limits = limits or LimitsConfig()
         self.hls_root = hls_root
         self.metrics = metrics
+        self.status_cache = TimedCache(STATUS_INTERVAL)
         self.app = web.Application(client_max_size=64 * 1024)
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_page)
@@ -56,10 +90,14 @@ class HttpServer:
         self.app.router.add_get("/status.json", self.all_status)
         self.app.router.add_get("/live/{name}/{file}", self.hls_file)
         self.app.router.add_route("OPTIONS", "/live/{name}/{file}", self.preflight)
-        self.listener = HttpListener(
+        self.listener = GuardedListener(
             self.app,
             config.host,
             config.port,
+            header_timeout=config.header_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            max_connections=config.max_connections,
+            max_connections_per_client=config.max_connections_per_client,
             max_line_size=self.limits.http_max_header_bytes,
             max_field_size=self.limits.http_max_header_bytes,
             max_headers=self.limits.http_max_headers,
@@ -103,15 +141,22 @@ class HttpServer:
         }
 
     async def stream_status(self, request: web.Request) -> web.Response:
-        info = self._stream_info(request.match_info["name"])
-        if info is None:
-            raise web.HTTPNotFound(text=f"unknown stream {request.match_info['name']!r}\n", headers=CORS)
-        return web.json_response(info, headers={**CORS, "Cache-Control": "no-cache"})
+        name = request.match_info["name"]
+        if not NAME_PATTERN.fullmatch(name):
+            raise web.HTTPNotFound(text=f"unknown stream {name!r}\n", headers=CORS)
+        body = self.status_cache.get(name, lambda: json.dumps(self._stream_info(name)).encode())
+        if body == b"null":
+            raise web.HTTPNotFound(text=f"unknown stream {name!r}\n", headers=CORS)
+        return web.Response(body=body, content_type="application/json", headers={**CORS, "Cache-Control": "no-cache"})
+
+    def _all_status(self) -> bytes:
+        names = sorted(self.streams.live) if self.streams is not None else []
+        return json.dumps({"streams": [self._stream_info(name) for name in names]}).encode()
 
     async def all_status(self, request: web.Request) -> web.Response:
-        names = sorted(self.streams.live) if self.streams is not None else []
-        body = {"streams": [self._stream_info(name) for name in names]}
-        return web.json_response(body, headers={**CORS, "Cache-Control": "no-cache"})
+        # "/" cannot be a stream name, so it keys the whole list in the same cache.
+        body = self.status_cache.get("/", self._all_status)
+        return web.Response(body=body, content_type="application/json", headers={**CORS, "Cache-Control": "no-cache"})
 
     async def thumbnail(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -134,7 +179,7 @@ class HttpServer:
         if self.metrics is None:
             raise web.HTTPNotFound(text="metrics are not enabled\n")
         return web.Response(
-            body=self.metrics.render(),
+            body=self.metrics.page(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8", "Cache-Control": "no-cache"},
         )
 
@@ -146,12 +191,13 @@ class HttpServer:
         file = request.match_info["file"]
         if not NAME_PATTERN.fullmatch(name):
             raise web.HTTPNotFound(text=f"unknown stream {name!r}\n", headers=CORS)
-        path = self.hls_root / name / file
+        directory = self.hls_root / name
         if file == PLAYLIST:
-            try:
-                body = path.read_bytes()
-            except (FileNotFoundError, NotADirectoryError):
-                raise web.HTTPNotFound(text=f"no playlist for stream {name!r}\n", headers=CORS) from None
+            body = read_regular(directory, file)
+            if body is None:
+                body = await self._first_playlist(name, directory)
+            if body is None:
+                raise web.HTTPNotFound(text=f"no playlist for stream {name!r}\n", headers=CORS)
             return web.Response(
                 body=body,
                 headers={
@@ -161,10 +207,29 @@ class HttpServer:
                 },
             )
         if SEGMENT_PATTERN.fullmatch(file):
-            if not path.is_file():
+            body = read_regular(directory, file)
+            if body is None:
                 raise web.HTTPNotFound(text=f"no segment {file!r} in stream {name!r}\n", headers=CORS)
-            return web.FileResponse(
-                path,
+            return web.Response(
+                body=body,
                 headers={**CORS, "Content-Type": "video/mp2t", "Cache-Control": "max-age=3600"},
             )
         raise web.HTTPNotFound(text=f"no such file {file!r}\n", headers=CORS)
+
+    async def _first_playlist(self, name: str, directory: Path) -> bytes | None:
+        """A stream being published whose first segment is not complete yet: wait for its playlist.
+
+        A player started together with the broadcast would otherwise fail at
+        once. Bounded: PLAYLIST_WAIT_SEGMENTS segment targets, then None (404);
+        it stops waiting as soon as the publish ends.
+        """
+        streams = self.streams
+        if streams is None or name not in streams.live:
+            return None
+        deadline = time.monotonic() + PLAYLIST_WAIT_SEGMENTS * streams.config.hls.segment_target
+        while time.monotonic() < deadline and name in streams.live:
+            await asyncio.sleep(PLAYLIST_POLL)
+            body = read_regular(directory, PLAYLIST)
+            if body is not None:
+                return body
+        return None

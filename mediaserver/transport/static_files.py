@@ -6,6 +6,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from .safe_files import read_regular
+
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 TYPES = {".html": "text/html", ".js": "application/javascript", ".css": "text/css"}
 SERVED = frozenset(p.name for p in STATIC_DIR.iterdir() if p.suffix in TYPES) if STATIC_DIR.is_dir() else frozenset()
@@ -22,8 +24,13 @@ async def static_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["file"]
     if name not in SERVED:
         raise web.HTTPNotFound(text=f"no such file {name!r}\n")
-    path = STATIC_DIR / name
-    return web.FileResponse(path, headers={"Content-Type": TYPES[path.suffix], "Cache-Control": "max-age=300"})
+    # Read like the HLS files: a symlink or FIFO put in the package is not followed.
+    body = read_regular(STATIC_DIR, name)
+    if body is None:
+        raise web.HTTPNotFound(text=f"no such file {name!r}\n")
+    return web.Response(
+        body=body, headers={"Content-Type": TYPES[Path(name).suffix], "Cache-Control": "max-age=300"}
+    )
 
 
 def add_routes(app: web.Application, admin: bool) -> None:
