@@ -168,7 +168,7 @@ class ChunkReader:
                 if st is None:
                     if len(streams) >= MAX_CHUNK_STREAMS:
                         raise ProtocolError(
-                            f"chunk stream {csid} would be the {len(streams) + 1}th on this "
+                            f"chunk stream {csid} would be number {len(streams) + 1} on this "
                             f"connection (limit {MAX_CHUNK_STREAMS})"
                         )
                     st = streams[csid] = _InStream()
