@@ -8,8 +8,8 @@ timestamps; this module only writes.
 Everything the writer must remember is in `WriterState` (plain data with a
 version): continuity counters per PID, playlist entries, the open segment's
 name and size. So a hand-over to another process can carry a live writer,
-and the continuity counters go on from segment to segment (they restart
-only where the playlist says EXT-X-DISCONTINUITY).
+and the continuity counters go on from segment to segment, across a
+republish's EXT-X-DISCONTINUITY too (they start at 0 only in a new writer).
 
 The data directory is trusted only for what the writer made: the stream
 directory must be a real directory (never a symlink), and segment and
@@ -257,10 +257,10 @@ class HlsWriter:
             raise RuntimeError(f"segment {sequence} started before any codec config")
         name = f"seg{sequence}.ts"
         self._file = open(_open_regular(self.directory / name), "wb", buffering=_WRITE_BUFFER)
-        if discontinuity:
-            # Players reset their demuxer at EXT-X-DISCONTINUITY; the only place
-            # where counters may start again (a new publisher, maybe new codecs).
-            s.ts.cc.clear()
+        # The counters go on even at EXT-X-DISCONTINUITY (a republish): FFmpeg's
+        # HLS demuxer keeps one MPEG-TS demuxer across segments and reports
+        # "Packet corrupt" at a restart it could have been told about. They
+        # start at 0 only in a new writer (a new server process).
         s.open_start_cc = dict(s.ts.cc)
         s.open_sequence = sequence
         s.open_discontinuity = discontinuity

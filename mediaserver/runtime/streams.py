@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 from .. import wire
 from ..config import Config
-from ..hls.segmenter import HlsWriter
+from ..hls.segmenter import HlsWriter, UnsafeStreamPath
 from ..media.previews import PreviewPool, StreamPreviews
 from ..logsetup import event
 from .dead_letters import DeadLetters
@@ -84,11 +84,16 @@ class Streams:
             current.publisher.disconnect(f"replaced by a new publisher from {publisher.client}")
         writer = self.writers.get(name)
         if writer is None:
-            writer = self.writers[name] = HlsWriter(
-                self.hls_root / name,
-                playlist_size=self.config.hls.playlist_size,
-                segment_target=self.config.hls.segment_target,
-            )
+            try:
+                writer = HlsWriter(
+                    self.hls_root / name,
+                    playlist_size=self.config.hls.playlist_size,
+                    segment_target=self.config.hls.segment_target,
+                )
+            except UnsafeStreamPath as exc:
+                event(log, logging.ERROR, "publish refused: unsafe stream directory", stream=name, reason=str(exc))
+                raise PublishRefused(f"stream {name} cannot be written: {exc.strerror}") from None
+            self.writers[name] = writer
         previews = self.previews.get(name)
         if previews is None:
             previews = self.previews[name] = StreamPreviews(
@@ -127,11 +132,14 @@ class Streams:
             return
         for directory in sorted(self.hls_root.iterdir()):
             if directory.is_dir() and (directory / "index.m3u8").is_file() and directory.name not in self.writers:
-                self.writers[directory.name] = HlsWriter(
-                    directory,
-                    playlist_size=self.config.hls.playlist_size,
-                    segment_target=self.config.hls.segment_target,
-                )
+                try:
+                    self.writers[directory.name] = HlsWriter(
+                        directory,
+                        playlist_size=self.config.hls.playlist_size,
+                        segment_target=self.config.hls.segment_target,
+                    )
+                except UnsafeStreamPath as exc:
+                    event(log, logging.WARNING, "playlist not recovered", stream=directory.name, reason=str(exc))
 
     def sessions(self) -> list[Session]:
         return [live.session for live in self.live.values()]
