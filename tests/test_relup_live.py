@@ -187,7 +187,9 @@ def test_crashing_generation_is_quarantined_then_reverted(server_factory, clips,
             '            raise RuntimeError("injected crash at %d" % message.ts)\n',
         )},
     )
-    server = server_factory(relup={"directory": str(relups), "auto_revert_crashes": 4, "auto_revert_window": 60.0})
+    # One failing message is one crash: the first is quarantined (later frames went out
+    # before the revert, so it cannot be re-handled in order), the second reverts.
+    server = server_factory(relup={"directory": str(relups), "auto_revert_crashes": 2, "auto_revert_window": 60.0})
     procs = start_publishers(server, clips, ffmpeg_publisher, ["q"])
     time.sleep(1.0)
     status, report = api(server, "POST", "/api/v1/relup", {"path": "1.0.1"})
@@ -197,11 +199,11 @@ def test_crashing_generation_is_quarantined_then_reverted(server_factory, clips,
     wait_for_endlist(server.hls_url("q"), 10)
 
     dead = [json.loads(line) for line in (server.data_dir / "dead-letters" / "q.jsonl").read_text().splitlines()]
-    assert len(dead) == 2 and all("injected crash" in d["reason"] for d in dead)
+    assert len(dead) == 1 and all("injected crash" in d["reason"] for d in dead)
     lost = {d["message"]["ts"] for d in dead}
     clip = clips.get(LONG)
     kept = dataclasses.replace(clip, packets=[p for p in clip.packets if not (p.kind == "video" and p.dts in lost)])
-    assert len(kept.packets) == len(clip.packets) - 2
+    assert len(kept.packets) == len(clip.packets) - 1
     assert_exact(kept, read_hls(server.hls_url("q")).segments, segment_target=2.0, label="quarantine",
                  max_gap_without_discontinuity=2.0)
     status, body = api(server, "GET", "/api/v1/status")
