@@ -131,8 +131,14 @@ def print_report(report: dict[str, Any]) -> None:
           f"switch held the loop {report.get('switch_ms')} ms")
     if report.get("error"):
         print(f"  error: {report['error']}")
+    if report.get("rehandled"):
+        print(f"  quarantined messages handled again by {report.get('to_version')}: {report['rehandled']}")
     for error in report.get("session_errors") or []:
         print(f"  session {error.get('stream')}: {error.get('stage')}: {error.get('reason')}")
+    # The failures are listed above with their stage; the passes are listed here.
+    for result in report.get("session_results") or []:
+        if result.get("ok"):
+            print(f"  session {result.get('stream')}: ok: {result.get('detail')}")
 
 
 def print_status(status: dict[str, Any]) -> None:

@@ -184,6 +184,13 @@ def test_preflight_errors_are_printed_per_session(cli, server, relups):
         lines = done.stdout.splitlines()
         assert lines[0] == "dry_run 1.0.0 -> 1.0.2: REFUSED (nothing changed)"
         assert "  session cam: up migration: RuntimeError: boom in up" in lines
+        # A dry run that passes names each session's result too.
+        done = cli("relup", "apply", "1.0.1", "--dry-run")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert any(
+            line.startswith("  session cam: ok: up migration valid, down(up(state)) == state")
+            for line in done.stdout.splitlines()
+        ), done.stdout
         # The good package switches the live session, and back.
         done = cli("relup", "apply", "1.0.1")
         assert done.returncode == 0 and "sessions: 1," in done.stdout, done.stdout
