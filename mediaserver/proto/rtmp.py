@@ -174,8 +174,20 @@ class ServerConnection(_Connection):
         self._publishing: set[int] = set()
         self._connect_txid = 0.0
         self._object_encoding = 0.0
+        self.failed: ProtocolError | None = None
 
     def feed(self, data: bytes | memoryview) -> list[Any]:
+        """Events for `data`. After a ProtocolError the connection is failed:
+        every later feed raises it again (the caller closes the connection)."""
+        if self.failed is not None:
+            raise ProtocolError(f"connection already failed: {self.failed}")
+        try:
+            return self._feed(data)
+        except ProtocolError as exc:
+            self.failed = exc
+            raise
+
+    def _feed(self, data: bytes | memoryview) -> list[Any]:
         events: list[Any] = []
         if self._hs_stage < 2:
             self._hs += data
