@@ -198,6 +198,7 @@ def test_offer_codecs_and_video_mode():
         (offer(*AUDIO, *VIDEO, *AUDIO), True, "more than 1 audio section"),
         (offer(*AUDIO, *VIDEO, "m=application 9 UDP/DTLS/SCTP webrtc-datachannel"), True,
          "media section of kind 'application'; a publish takes audio and video only"),
+        (offer(*AUDIO, *VIDEO, *["a=candidate:1 1 udp 1 127.0.0.1 9 typ host"] * 65), True, "more than 64 ICE candidates"),
         (offer(*AUDIO, *VIDEO).replace(FINGERPRINT + "\r\n", ""), True,
          r"no a=fingerprint for media section 0 \(audio\), 1 \(video\)"),
     ],

@@ -26,10 +26,11 @@ MAX_SECTIONS_OF_A_KIND = 1
 (and its receive threads) for every section it answers: 500 `m=` lines cost
 seconds and hundreds of MB. Extra sections are refused here, before any peer
 connection exists, rather than answered and ignored."""
+MAX_CANDIDATES = 64
+"""A browser offers a handful per section; aioice pairs and checks each one."""
 SECTION_KINDS = ("audio", "video")
 """Data channels (`m=application`) and anything else are refused: nothing
 would read them, and each would get an ICE transport of its own."""
-
 
 
 @dataclass
@@ -72,6 +73,7 @@ def inspect_offer(sdp: str, vp8_allowed: bool) -> OfferSummary:
         raise ProtocolError("not an SDP offer: it must start with v=0")
     media: list[MediaSection] = []
     fingerprint_in_session = False
+    candidates = 0
     fingerprinted: set[int] = set()
     for line in lines:
         if line.startswith("m="):
@@ -81,6 +83,10 @@ def inspect_offer(sdp: str, vp8_allowed: bool) -> OfferSummary:
             if sum(1 for m in media if m.kind == kind) >= MAX_SECTIONS_OF_A_KIND:
                 raise ProtocolError(f"the offer has more than {MAX_SECTIONS_OF_A_KIND} {kind} section; a publish ingests one of each kind")
             media.append(MediaSection(kind))
+        elif line.startswith("a=candidate:"):
+            candidates += 1
+            if candidates > MAX_CANDIDATES:
+                raise ProtocolError(f"the offer has more than {MAX_CANDIDATES} ICE candidates")
         elif line.startswith("a=fingerprint:"):
             if media:
                 fingerprinted.add(len(media) - 1)

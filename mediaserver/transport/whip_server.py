@@ -16,6 +16,13 @@ AVCC (proto/h264.py) and delivers. A timer asks for keyframes (PLI) when the
 publisher has sent none for a segment target and ends a publish whose media
 stopped.
 
+An offer is public input: it is bounded (proto/whip.py) before any peer
+connection exists; an answered one that has not completed ICE and DTLS within
+`webrtc.connect_timeout` is ended and its ports freed; its stream (directory,
+HLS writer, metrics) is made only once it connects, the name being reserved
+here meanwhile; and the server's ICE checks go only to the address the offer
+was POSTed from or to `webrtc.ice_remote_networks` (ice_ports.py).
+
 PATCH (trickle ICE, ICE restart) is not supported: the answer carries every
 candidate, and a PATCH gets 405, as RFC 9725 allows.
 """
@@ -591,12 +598,17 @@ class WhipServer:
         """ICE checks only towards the POST's address or `webrtc.ice_remote_networks`; before any candidate is added."""
         allow = remote_address_filter(publish.client, self.config.ice_remote_networks)
 
+        ignored_count = 0
+
         def ignored(host: str) -> None:
-            event(
-                log, logging.INFO, "WHIP remote candidate ignored",
-                stream=publish.name, client=publish.client, address=host,
-                reason="not the offer's address nor in webrtc.ice_remote_networks",
-            )
+            nonlocal ignored_count
+            ignored_count += 1
+            if ignored_count == 1:  # once per offer: an offer may name many
+                event(
+                    log, logging.INFO, "WHIP remote candidate ignored",
+                    stream=publish.name, client=publish.client, address=host,
+                    reason="not the offer's address nor in webrtc.ice_remote_networks",
+                )
 
         for connection in ice_connections(publish.pc):
             confine_remote_candidates(connection, allow, ignored)
