@@ -13,6 +13,13 @@ import sys
 import time
 from typing import Any
 
+RATE_LIMIT = 10
+"""Lines per second per (logger, message) for the loggers in RATE_LIMITED;
+the rest are counted and the next line that passes says how many were dropped."""
+RATE_LIMITED = ("aiohttp", "mediaserver.http", "mediaserver.whip")
+"""Loggers whose lines a remote client can cause at will (refused requests,
+refused connections): an attacker must not be able to flood the log."""
+
 
 def event(logger: logging.Logger, level: int, text: str, **fields: Any) -> None:
     if logger.isEnabledFor(level):
@@ -54,9 +61,77 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
+class ClientErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request as an ERROR with the parser's whole traceback.
+
+    A bad request is the client's fault: it becomes one INFO line with the
+    reason (the exception's text) and no traceback. Errors that are not
+    HTTP-parsing errors (a bug in a handler) keep their traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is None or not record.getMessage().startswith("Error handling request"):
+            return True
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        if not isinstance(exc, (HttpProcessingError, ConnectionError)):
+            return True
+        client = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        text = getattr(exc, "message", None) or str(exc)
+        # aiohttp's text spans lines with a caret under the bad byte: one line, without the caret.
+        reason = " ".join(p.strip() for p in str(text).splitlines() if p.strip() and set(p.strip()) != {"^"})
+        record.msg = "bad HTTP request refused"
+        record.args = ()
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = None
+        record.exc_text = None
+        record.fields = {"client": client, "reason": f"{type(exc).__name__}: {reason}"}
+        # The logger let it through as an ERROR; as INFO it must pass the level again.
+        return logging.getLogger().isEnabledFor(logging.INFO)
+
+
+class RateLimitFilter(logging.Filter):
+    """At most `per_second` lines per (logger, message) from the loggers named in `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...] = RATE_LIMITED, per_second: int = RATE_LIMIT) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+        self.per_second = per_second
+        self.windows: dict[tuple[str, str], list[float]] = {}
+        """(window start, lines passed in it, lines suppressed since the last one passed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if record.levelno >= logging.ERROR or not any(
+            name == p or name.startswith(p + ".") for p in self.prefixes
+        ):
+            return True
+        key = (name, str(record.msg))
+        now = record.created
+        window = self.windows.get(key)
+        if window is None or now - window[0] >= 1.0:
+            if len(self.windows) > 4096:
+                self.windows = {k: w for k, w in self.windows.items() if now - w[0] < 1.0 or w[2]}
+            suppressed = window[2] if window is not None else 0
+            window = self.windows[key] = [now, 0, suppressed]
+        if window[1] >= self.per_second:
+            window[2] += 1
+            return False
+        window[1] += 1
+        if window[2]:
+            fields = dict(getattr(record, "fields", None) or {})
+            fields["suppressed"] = int(window[2])
+            record.fields = fields
+            window[2] = 0
+        return True
+
+
 def configure(level: str, fmt: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(ClientErrorFilter())
+    handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
