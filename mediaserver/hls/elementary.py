@@ -42,6 +42,10 @@ class H264Framing:
 
     def annexb(self, data: bytes | memoryview, keyframe: bool) -> bytes:
         """One access unit as Annex B: AUD, parameter sets on keyframes, the NAL units."""
+        return b"".join(self.annexb_parts(data, keyframe))
+
+    def annexb_parts(self, data: bytes | memoryview, keyframe: bool) -> list[bytes | memoryview]:
+        """`annexb` in pieces (start codes and views of the input), not yet joined."""
         view = memoryview(data)
         n = len(view)
         size_len = self.length_size
@@ -68,7 +72,7 @@ class H264Framing:
             parts.append(self.parameter_sets)
         for nal in nals[first:]:
             parts += (_START, nal)
-        return b"".join(parts)
+        return parts
 
 
 class AdtsFraming:

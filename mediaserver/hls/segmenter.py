@@ -282,10 +282,9 @@ class HlsWriter:
             framing = self._video
             if framing is None:
                 raise RuntimeError("no open segment has a video stream")
-            payload = framing.annexb(data, keyframe)
-            out = self._ts.pes(
-                tspack.PID_VIDEO, tspack.SID_VIDEO, tspack.ticks(pts), tspack.ticks(dts), payload,
-                pcr=tspack.pcr_for(dts), random_access=keyframe,
+            parts = self._ts.pes_parts(
+                tspack.PID_VIDEO, tspack.SID_VIDEO, tspack.ticks(pts), tspack.ticks(dts),
+                framing.annexb_parts(data, keyframe), pcr=tspack.pcr_for(dts), random_access=keyframe,
             )
         elif track == "audio":
             adts = self._audio
@@ -293,17 +292,18 @@ class HlsWriter:
                 raise RuntimeError("no open segment has an audio stream")
             t = tspack.ticks(pts)
             audio_only = self._video is None
-            out = self._ts.pes(
-                tspack.PID_AUDIO, tspack.SID_AUDIO, t, t, adts.header(len(data)) + data,
+            parts = self._ts.pes_parts(
+                tspack.PID_AUDIO, tspack.SID_AUDIO, t, t, [adts.header(len(data)), data],
                 pcr=tspack.pcr_for(dts) if audio_only else None, random_access=audio_only,
             )
         else:
             raise RuntimeError(f"unknown track {track!r}")
+        file = self._file
+        for part in parts:
+            s.open_size += file.write(part)
         if s.open_first_dts is None:
             s.open_first_dts = dts
         s.open_last_dts = dts
-        self._file.write(out)
-        s.open_size += len(out)
         s.frames_out[track] += 1
         s.bytes_out += len(data)
 
