@@ -295,6 +295,23 @@ def test_writer_state_round_trips_through_builtins_mid_segment(tmp_path, clip):
     assert second.frames_out == whole.frames_out and second.bytes_out == whole.bytes_out
 
 
+def test_a_track_the_open_segment_does_not_list_waits_for_the_next(tmp_path, clip):
+    video, audio, packets = clip
+    writer = HlsWriter(tmp_path, playlist_size=10, segment_target=1.0)
+    writer.set_codec("video", video)
+    writer.start_segment(0, False)
+    writer.set_codec("audio", audio)
+    frame = next(p for p in packets if p[0] == "audio")
+    with pytest.raises(RuntimeError, match="no open segment has a audio stream"):
+        writer.write("audio", frame[1], frame[2], True, frame[4])
+    writer.end_segment(0, 1000)
+    writer.start_segment(1, False)
+    writer.write("audio", frame[1], frame[2], True, frame[4])
+    writer.end_segment(1, 1000)
+    _, streams = pmt_streams(parse_psi(parse_packets((tmp_path / "seg1.ts").read_bytes())[1]))
+    assert streams == {0x100: 0x1B, 0x101: 0x0F}
+
+
 def test_unknown_state_field_is_refused():
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"version": 1, "surprise": 1}, WriterState)

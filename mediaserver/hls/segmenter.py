@@ -155,7 +155,8 @@ class HlsWriter:
         self._file: io.BufferedWriter | None = None
         self._video: H264Framing | None = None
         self._audio: AdtsFraming | None = None
-        self._psi = b""
+        self._tracks: frozenset[str] = frozenset()
+        """The tracks the open segment's PMT lists."""
         self._framing_from_codecs()
         if state is None:
             self._recover()
@@ -226,6 +227,7 @@ class HlsWriter:
 
     def _reopen(self) -> None:
         """Go on writing the open segment of a state from another process."""
+        self._tracks = frozenset(self.state.codecs)
         path = self.directory / self.state.open_name
         fd = _open_regular(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         os.ftruncate(fd, self.state.open_size)
@@ -262,6 +264,7 @@ class HlsWriter:
         # "Packet corrupt" at a restart it could have been told about. They
         # start at 0 only in a new writer (a new server process).
         s.open_start_cc = dict(s.ts.cc)
+        self._tracks = frozenset(t for t, on in (("video", has_video), ("audio", has_audio)) if on)
         s.open_sequence = sequence
         s.open_discontinuity = discontinuity
         s.open_name = name
@@ -278,6 +281,10 @@ class HlsWriter:
         s = self.state
         if self._file is None:
             raise RuntimeError(f"no open segment to write a {track} frame to")
+        if track not in self._tracks:
+            # A codec that arrived after the segment's PMT was written: its
+            # frames would go to a PID no player looks at; they wait for the next.
+            raise RuntimeError(f"no open segment has a {track} stream")
         if track == "video":
             framing = self._video
             if framing is None:
