@@ -194,8 +194,9 @@ class Session:
         reason = f"{type(exc).__name__}: {exc}"  # the text only: a traceback pins a generation
         del exc
         self.crashes += 1
+        crashed_on = self.generation.number  # the report below may revert the session
         now = time.monotonic()
-        self.restarts.append((now, self.generation.number))
+        self.restarts.append((now, crashed_on))
         while self.restarts and now - self.restarts[0][0] > self.restart_window:
             self.restarts.popleft()
         if self.supervisor is not None:
@@ -210,7 +211,7 @@ class Session:
         event(
             log, logging.WARNING, "handler raised; session restarted from its last good state",
             stream=self.name, message=getattr(message, "kind", "?"),
-            generation=self.generation.number, reason=reason,
+            generation=crashed_on, reason=reason,
         )
         return not self.stopped
 
