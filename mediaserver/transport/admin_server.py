@@ -21,16 +21,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ..config import AdminConfig
+from ..config import AdminConfig, HttpConfig
 from ..logsetup import event
 from ..runtime.relup import CodeServer
 from . import static_files
-from .listener import HttpListener
+from .http_guard import GuardedListener
 
 log = logging.getLogger("mediaserver.admin")
 
 API = "/api/v1"
 MAX_BODY = 64 * 1024
+ADMIN_MAX_CONNECTIONS = 64
+"""Open connections to the admin listener (in total and per address): the CLI uses one."""
 _json = msgspec.json.Encoder()
 
 
@@ -96,7 +98,16 @@ class AdminServer:
         self.app.router.add_post(f"{API}/relup", self.relup)
         self.app.router.add_post(f"{API}/revert", self.revert)
         static_files.add_routes(self.app, admin=True)
-        self.listener = HttpListener(self.app, config.host, config.port)
+        # The public listener's defaults: a local process must not be able to
+        # hold the admin port with slow or idle connections either.
+        defaults = HttpConfig()
+        self.listener = GuardedListener(
+            self.app, config.host, config.port,
+            header_timeout=defaults.header_timeout,
+            keepalive_timeout=defaults.keepalive_timeout,
+            max_connections=ADMIN_MAX_CONNECTIONS,
+            max_connections_per_client=ADMIN_MAX_CONNECTIONS,
+        )
 
     def _authorised(self, request: web.Request) -> bool:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")

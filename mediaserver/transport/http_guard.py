@@ -187,7 +187,8 @@ class GuardedListener:
         self.closed_by_timeout = {HEADER: 0, KEEPALIVE: 0}
         self._runner: web.AppRunner | None = None
         self._server: asyncio.AbstractServer | None = None
-        app.middlewares.append(self._middleware)
+        # Outermost, so that no other middleware's work runs under the header clock.
+        app.middlewares.insert(0, self._middleware)
 
     @web.middleware
     async def _middleware(
