@@ -267,3 +267,12 @@ def _check_ranges(config: Config, path: str | Path) -> None:
             f"config file {path}: `webrtc.udp_port` (one shared port) and `webrtc.port_min`/`port_max` "
             "(a port per connection) cannot both be set"
         )
+    for host in config.webrtc.advertise_hosts:
+        # An SDP candidate needs a literal address; ipaddress takes ASCII digits
+        # only (str.isdigit would let '²' through).
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                f"config file {path}: `webrtc.advertise_hosts` entry {host!r} is not an IPv4 or IPv6 address"
+            ) from None
