@@ -365,3 +365,25 @@ def test_malformed_requests_logged_once_with_a_reason_no_traceback(server):
     assert not server.log_lines(r"ERROR aiohttp"), server.log_lines(r"ERROR aiohttp")[:3]
     server.assert_no_tracebacks()
     assert http_get(server.http_url("/healthz")).status == 200
+
+
+def test_segment_byte_ranges(server_factory, tmp_path):
+    server = server_factory()
+    stream = server.data_dir / "hls" / "ranged"
+    stream.mkdir(parents=True)
+    data = bytes(range(256)) * 4
+    (stream / "seg7.ts").write_bytes(data)
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=5)
+    try:
+        for header, status, want in (("bytes=0-99", 206, data[:100]), ("bytes=1000-", 206, data[1000:]),
+                                     ("bytes=-24", 206, data[-24:]), (None, 200, data)):
+            conn.request("GET", "/live/ranged/seg7.ts", headers={"Range": header} if header else {})
+            r = conn.getresponse()
+            body = r.read()
+            assert (r.status, body) == (status, want), (header, r.status, len(body))
+        conn.request("GET", "/live/ranged/seg7.ts", headers={"Range": "bytes=5000-"})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 416 and r.getheader("Content-Range") == f"bytes */{len(data)}"
+    finally:
+        conn.close()

@@ -40,6 +40,23 @@ PLAYLIST_WAIT_SEGMENTS = 3
 targets for the first segment before it is 404."""
 
 
+def _ranged(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
+    """The whole body, or the one byte range asked for (players may probe segments with Range)."""
+    headers = {**headers, "Accept-Ranges": "bytes"}
+    try:
+        wanted = request.http_range
+    except ValueError:
+        wanted = slice(None, None)
+    if wanted.start is None and wanted.stop is None:
+        return web.Response(body=body, headers=headers)
+    size = len(body)
+    start, stop, _ = wanted.indices(size)
+    if start >= stop:
+        raise web.HTTPRequestRangeNotSatisfiable(headers={**CORS, "Content-Range": f"bytes */{size}"})
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    return web.Response(status=206, body=memoryview(body)[start:stop], headers=headers)
+
+
 class TimedCache:
     """Bodies by key, each rebuilt when older than `interval` seconds."""
 
@@ -210,10 +227,7 @@ class HttpServer:
             body = read_regular(directory, file)
             if body is None:
                 raise web.HTTPNotFound(text=f"no segment {file!r} in stream {name!r}\n", headers=CORS)
-            return web.Response(
-                body=body,
-                headers={**CORS, "Content-Type": "video/mp2t", "Cache-Control": "max-age=3600"},
-            )
+            return _ranged(request, body, {**CORS, "Content-Type": "video/mp2t", "Cache-Control": "max-age=3600"})
         raise web.HTTPNotFound(text=f"no such file {file!r}\n", headers=CORS)
 
     async def _first_playlist(self, name: str, directory: Path) -> bytes | None:
