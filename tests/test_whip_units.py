@@ -539,3 +539,15 @@ def test_audio_jitter_buffer_drops_too_late_packets_and_restarts_on_a_jump():
     assert out == [0, 1, 2, 3, 4, 5, 7, 8] and buffer.late == 1 and buffer.skipped == 1
     out = _run_buffer(buffer, list(range(30000, 30010)))  # the sender restarted its sequence
     assert out == list(range(30000, 30006))  # 10 in, the last 4 held
+
+
+def test_remote_candidate_filter_allows_the_offers_address_and_the_operators_networks():
+    from mediaserver.transport.ice_ports import remote_address_filter
+
+    allow = remote_address_filter("203.0.113.7", ["10.0.0.0/8", "2001:db8::/32"])
+    assert allow("203.0.113.7") and allow("::ffff:203.0.113.7")
+    assert allow("10.1.2.3") and allow("2001:db8::1")
+    assert not allow("203.0.113.8") and not allow("192.168.1.1") and not allow("foo.local") and not allow("")
+    mapped_client = remote_address_filter("::ffff:127.0.0.1", [])
+    assert mapped_client("127.0.0.1") and not mapped_client("127.0.0.5")
+    assert not remote_address_filter("?", [])("127.0.0.1")  # no usable client address: nothing but the networks
