@@ -262,6 +262,8 @@ def test_dry_run_then_apply_and_revert_through_the_api(admin_server, relups):
     build_package(relups)
     code, report, _ = api(server, "POST", "/api/v1/relup", {"path": "1.0.1", "dry_run": True})
     assert code == 200 and report["ok"] and report["action"] == "dry_run", report
+    # Every report carries the live session count and one result per session (none live here).
+    assert report["sessions"] == 0 and report["session_results"] == [] and report["rehandled"] == 0, report
     assert_unchanged(server)
     code, report, _ = api(server, "POST", "/api/v1/relup", {"path": str(relups / "1.0.1"), "dry_run": False})
     assert code == 200 and report["ok"] and (report["from_version"], report["to_version"]) == ("1.0.0", "1.0.1")
@@ -270,6 +272,7 @@ def test_dry_run_then_apply_and_revert_through_the_api(admin_server, relups):
     assert [(g["version"], g["current"]) for g in status["generations"]] == [("1.0.0", False), ("1.0.1", True)]
     code, report, _ = api(server, "POST", "/api/v1/revert", {})
     assert code == 200 and report["ok"] and report["to_version"] == "1.0.0", report
+    assert report["rehandled"] == 0 and report["sessions"] == 0, report
     assert api(server, "GET", "/api/v1/status")[1]["version"] == "1.0.0"
 
 
