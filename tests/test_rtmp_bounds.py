@@ -93,6 +93,18 @@ def test_zero_length_messages_are_dropped_and_bounded():
     assert time.process_time() - started < 0.05
 
 
+def test_an_occasional_zero_length_message_is_tolerated_for_ever():
+    """One empty audio message beside each real one, far past the cap: no error."""
+    server = connected_server()
+    writer = ChunkWriter(4096)
+    for ts in range(10 * MAX_EMPTY_MESSAGES):
+        writer.write(4, 8, 1, ts, b"")
+        writer.write(6, 8, 1, ts, b"\xaf\x01" + b"a" * 20)
+    events = server.feed(writer.take())
+    assert len(events) == 10 * MAX_EMPTY_MESSAGES
+    assert all(isinstance(e, rtmp.AudioMessage) and len(e.payload) == 22 for e in events)
+
+
 def test_an_amf0_message_of_millions_of_values_is_refused_quickly():
     server = connected_server()
     writer = ChunkWriter(4096)

@@ -26,8 +26,9 @@ _HEADER_SIZES = (11, 7, 3, 0)
 MAX_CHUNK_STREAMS = 32
 """Chunk streams one connection may open; encoders use fewer than ten."""
 MAX_EMPTY_MESSAGES = 64
-"""Zero-length messages carry nothing; a connection sending more is hostile
-(each costs a parse step for one input byte)."""
+"""Zero-length messages carry nothing; a connection sending more of them than
+messages with content, beyond this many, is hostile (each costs a parse step
+for one input byte)."""
 
 
 class RawMessage(msgspec.Struct, gc=False):
@@ -227,6 +228,11 @@ class ChunkReader:
         self, message: bytearray, csid: int, type_id: int, stream_id: int, timestamp: int,
         out: list[RawMessage],
     ) -> None:
+        if self.empty_messages:
+            # Each message with content earns back one empty one: a client that
+            # sends an empty message now and then (SRS ignores them too) lasts for
+            # days, and empty ones never outnumber the others by more than the cap.
+            self.empty_messages -= 1
         payload = memoryview(message)
         if type_id == SET_CHUNK_SIZE and stream_id == 0 and len(message) >= 4:
             self.chunk_size = check_chunk_size(int.from_bytes(message[:4], "big") & 0x7FFFFFFF)
