@@ -9,6 +9,9 @@ stream); what the generation returned to fails on too stays a dead letter.
 from __future__ import annotations
 
 import json
+import logging
+
+import pytest
 
 from mediaserver import wire
 from mediaserver.runtime import session as session_module
@@ -97,3 +100,26 @@ def test_what_the_generation_returned_to_fails_on_stays_a_dead_letter(tmp_path):
     (dead,) = dead_letters(tmp_path, "a")
     assert dead["message"]["now"] == 5.0 and dead["version"] == "1.0.1"
     assert session.quarantined == 1 and not session.stopped
+
+
+@pytest.mark.parametrize("crashes, warned", [(3, False), (6, False), (7, True)])
+def test_an_auto_revert_threshold_the_supervisor_would_beat_is_warned(tmp_path, caplog, crashes, warned):
+    # max_restarts is 5: the sixth crash reverts before the intensity check, the seventh comes too late.
+    with caplog.at_level(logging.WARNING, logger="mediaserver.relup"):
+        rig = Rig(tmp_path, auto_revert_crashes=crashes)
+        rig.code._warn_if_the_supervisor_wins(5)
+    assert any("can stop a session before it is reverted" in r.getMessage() for r in caplog.records) == warned
+
+
+def test_revert_wins_at_max_restarts_plus_one(tmp_path):
+    rig = Rig(tmp_path, auto_revert_crashes=4)
+    rig.publish("a")
+    session = rig.streams.live["a"].session
+    session.max_restarts = 3
+    make_relup(rig.relups, "1.0.1", edits=TICK_BUG)
+    assert run(rig.code.apply("1.0.1")).ok
+    for second in range(4):  # the fourth crash is over the limit of 3, and reverts first
+        session.deliver(wire.Tick(now=float(second)))
+    assert not session.stopped and rig.versions() == {"1.0.0"}
+    assert rig.code.history[-1].action == "auto_revert" and rig.code.history[-1].rehandled == 3
+    assert dead_letters(tmp_path, "a") == []

@@ -110,6 +110,19 @@ class CodeServer:
         """(action, ok|refused) -> how many, for metrics; history itself is capped."""
         streams.crash_listeners.append(self._on_crash)
         streams.revertible = self._revertible
+        self._warn_if_the_supervisor_wins(streams.config.supervisor.max_restarts)
+
+    def _warn_if_the_supervisor_wins(self, max_restarts: int) -> None:
+        # The crash that reaches auto_revert_crashes reverts before the intensity
+        # check, and a session's crashes are at most the generation's: the revert
+        # wins while auto_revert_crashes <= max_restarts + 1.
+        if self.config.auto_revert_crashes > max_restarts + 1:
+            event(
+                log, logging.WARNING,
+                "relup.auto_revert_crashes is above supervisor.max_restarts + 1: a crashing relup "
+                "can stop a session before it is reverted",
+                auto_revert_crashes=self.config.auto_revert_crashes, max_restarts=max_restarts,
+            )
 
     @property
     def relups_dir(self) -> Path:
