@@ -8,8 +8,11 @@ stream); what the generation returned to fails on too stays a dead letter.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import sys
+import weakref
 
 import pytest
 
@@ -123,3 +126,24 @@ def test_revert_wins_at_max_restarts_plus_one(tmp_path):
     assert not session.stopped and rig.versions() == {"1.0.0"}
     assert rig.code.history[-1].action == "auto_revert" and rig.code.history[-1].rehandled == 3
     assert dead_letters(tmp_path, "a") == []
+
+
+def test_a_generation_reverted_from_inside_its_crash_is_purged(tmp_path):
+    # The automatic revert runs while the crash's exception is being handled: the
+    # traceback must not keep the reverted generation alive once it is over.
+    rig = Rig(tmp_path, auto_revert_crashes=2)
+    rig.publish("a")
+    rig.frames("a", 10)
+    make_relup(rig.relups, "1.0.1", edits=TICK_BUG)
+    assert run(rig.code.apply("1.0.1")).ok
+    bad = rig.code.current
+    state_class, package = weakref.ref(bad.state_type), weakref.ref(bad.package)
+    package_name = bad.package_name
+    session = rig.streams.live["a"].session
+    for second in range(2):
+        session.deliver(wire.Tick(now=float(second)))
+    assert rig.code.history[-1].action == "auto_revert" and bad.purged
+    del bad
+    gc.collect()
+    assert state_class() is None and package() is None
+    assert not [n for n in sys.modules if n == package_name or n.startswith(package_name + ".")]
