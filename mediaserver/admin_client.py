@@ -152,6 +152,8 @@ def print_status(status: dict[str, Any]) -> None:
     print(f"sessions: {len(sessions)}")
     for s in sessions:
         extra = "".join(f", {k} {s[k]}" for k in ("bitrate_kbps", "fps") if k in s)
+        # Supervision counters only when something happened: a healthy line stays short.
+        extra += "".join(f", {k} {s[k]}" for k in ("crashes", "quarantined", "held", "rehandled") if s.get(k))
         print(f"  {s.get('name')}: {s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
               f"{s.get('video_frames', '?')} video / {s.get('audio_frames', '?')} audio frames{extra}")
     history = status.get("history") or []
@@ -159,6 +161,8 @@ def print_status(status: dict[str, Any]) -> None:
         print("relup history:")
         for r in history[-10:]:
             outcome = "ok" if r.get("ok") else f"refused: {r.get('error')}"
+            if r.get("rehandled"):
+                outcome += f", {r['rehandled']} quarantined messages handled again"
             print(f"  {r.get('action')} {r.get('from_version')} -> {r.get('to_version')}: {outcome}")
 
 

@@ -246,3 +246,26 @@ def test_usage_errors_and_help(tmp_path):
     assert run("relup", "apply", "--nope").returncode == 2
     missing = run("status", "--config", str(tmp_path / "missing.toml"))
     assert missing.returncode == 2 and "missing.toml" in missing.stderr
+
+
+def test_status_and_reports_show_what_a_revert_handed_back(capsys):
+    from mediaserver.admin_client import print_report, print_status
+
+    print_status({
+        "version": "1.0.0", "generations": [],
+        "sessions": [
+            {"name": "cam", "version": "1.0.0", "state_version": 1, "uptime": 3.0, "video_frames": 90,
+             "audio_frames": 130, "crashes": 3, "quarantined": 0, "held": 0, "rehandled": 2},
+            {"name": "calm", "version": "1.0.0", "state_version": 1, "uptime": 3.0, "video_frames": 90,
+             "audio_frames": 130, "crashes": 0, "quarantined": 0, "held": 0, "rehandled": 0},
+        ],
+        "history": [{"action": "auto_revert", "from_version": "1.0.1", "to_version": "1.0.0", "ok": True,
+                     "rehandled": 2}],
+    })
+    print_report({"action": "auto_revert", "from_version": "1.0.1", "to_version": "1.0.0", "ok": True,
+                  "sessions": 2, "duration_ms": 0.2, "switch_ms": 0.1, "rehandled": 2})
+    lines = capsys.readouterr().out.splitlines()
+    assert "  cam: 1.0.0 state v1, up 3.0 s, 90 video / 130 audio frames, crashes 3, rehandled 2" in lines
+    assert "  calm: 1.0.0 state v1, up 3.0 s, 90 video / 130 audio frames" in lines
+    assert "  auto_revert 1.0.1 -> 1.0.0: ok, 2 quarantined messages handled again" in lines
+    assert "  quarantined messages handled again by 1.0.0: 2" in lines
