@@ -117,6 +117,31 @@ class _Collector(Collector):
         yield relups
 
 
+class HttpGuardCollector(Collector):
+    """The HTTP listener's open connections, refusals and timeout closes (from `http_guard`)."""
+
+    def __init__(self, listener: Any) -> None:
+        self.listener = listener
+
+    def collect(self) -> Iterator[Any]:
+        g = self.listener
+        open_ = GaugeMetricFamily("mediaserver_http_connections", "Open HTTP connections on the public listener")
+        open_.add_metric([], g.open)
+        yield open_
+        refused = CounterMetricFamily(
+            "mediaserver_http_connections_refused", "HTTP connections refused at a cap", labels=["cap"]
+        )
+        for cap, count in g.refused.items():
+            refused.add_metric([cap], count)
+        yield refused
+        timed_out = CounterMetricFamily(
+            "mediaserver_http_connections_timed_out", "HTTP connections closed by a timeout", labels=["timeout"]
+        )
+        for kind, count in g.closed_by_timeout.items():
+            timed_out.add_metric([kind], count)
+        yield timed_out
+
+
 class ServerMetrics:
     def __init__(self, streams: Streams, code_server: CodeServer, rtmp_connections: Any) -> None:
         self.streams = streams
@@ -140,6 +165,10 @@ class ServerMetrics:
         self._page = b""
         self._rendered_at = float("-inf")
         self.renders = 0
+
+    def watch_http(self, listener: Any) -> None:
+        """Export a guarded HTTP listener's connection counts."""
+        self.registry.register(HttpGuardCollector(listener))
 
     def _on_report(self, report: RelupReport) -> None:
         if report.ok and report.action != "dry_run":

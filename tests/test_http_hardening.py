@@ -242,6 +242,10 @@ def test_connection_caps_total_and_per_address(strict_server):
         assert time.monotonic() < deadline, "not served after the held connections closed"
         time.sleep(0.1)
     assert server.log_lines(r"HTTP connection refused .*reason=")
+    time.sleep(1.1)  # /metrics is rendered at most once a second
+    text = http_get(server.http_url("/metrics")).body.decode()
+    assert 'mediaserver_http_connections_refused_total{cap="per_client"} 1.0' in text, text[-1500:]
+    assert 'mediaserver_http_connections_refused_total{cap="total"} 1.0' in text, text[-1500:]
     server.assert_no_tracebacks()
 
 

@@ -119,6 +119,8 @@ class HttpServer:
             max_field_size=self.limits.http_max_header_bytes,
             max_headers=self.limits.http_max_headers,
         )
+        if metrics is not None:
+            metrics.watch_http(self.listener)
 
     async def start(self) -> None:
         await self.listener.start()
