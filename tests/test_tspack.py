@@ -312,6 +312,23 @@ def test_a_track_the_open_segment_does_not_list_waits_for_the_next(tmp_path, cli
     assert streams == {0x100: 0x1B, 0x101: 0x0F}
 
 
+def test_a_new_process_continues_the_counters_of_the_playlist_it_recovers(tmp_path, clip):
+    writer, last = write_segments(tmp_path, clip)
+    writer.end_segment(last, 1000)
+    # The process dies here (no end_stream); a new one recovers the playlist.
+    again = HlsWriter(tmp_path, playlist_size=20, segment_target=1.0)
+    assert again.ended and again.next_sequence == last + 1
+    again.set_codec("video", clip[0])
+    again.set_codec("audio", clip[1])
+    again.start_segment(again.next_sequence, True)
+    for kind, dts, pts, key, data in clip[2][:40]:
+        again.write(kind, dts, pts, key, data)
+    again.end_segment(last + 1, 1000)
+    segs = [(tmp_path / f"seg{i}.ts").read_bytes() for i in range(last + 2)]
+    assert cc_breaks(segs) == []
+    assert "#EXT-X-DISCONTINUITY" in (tmp_path / "index.m3u8").read_text()
+
+
 def test_unknown_state_field_is_refused():
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"version": 1, "surprise": 1}, WriterState)

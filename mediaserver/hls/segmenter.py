@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import tspack
+from . import ts_resume, tspack
 from .elementary import AdtsFraming, H264Framing
 from .playlist import SegmentEntry, parse, render, target_duration, write_atomically
 
@@ -221,6 +221,9 @@ class HlsWriter:
         s.target = previous.target
         if previous.entries:
             s.next_sequence = previous.entries[-1].sequence + 1
+            # Counters go on from the last listed segment, as within a process
+            # (FFmpeg reports "Packet corrupt" at a restart, discontinuity or not).
+            s.ts.cc.update(ts_resume.next_counters(self.directory, previous.entries[-1].uri))
         s.ended = True
         if not previous.ended:
             self._write_playlist()
