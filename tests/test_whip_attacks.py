@@ -255,3 +255,27 @@ def test_stun_checks_go_only_to_the_offers_own_address(server_factory, clips, ff
     wait_for_endlist(server.hls_url("steady"), 10)
     assert_exact(clips.get(SMALL), read_hls(server.hls_url("steady")).segments, segment_target=2.0, label="steady")
     server.assert_no_tracebacks()
+
+
+def test_with_on_conflict_replace_an_offer_that_never_connects_replaces_nobody(server_factory, clips, ffmpeg_publisher):
+    """publish.on_conflict = "replace": the live RTMP publisher is replaced only by a publish that
+    connects, so an offer that never does (anyone can POST one) leaves it streaming, bit-exact."""
+    server = server_factory(publish={"on_conflict": "replace"}, webrtc={"host_addresses": ["127.0.0.1"], "connect_timeout": 1.0})
+    rtmp = ffmpeg_publisher(clips.path(SMALL), server.rtmp_url("shared"))
+    server.wait_for_log("publish started.*stream=shared")
+    offer = asyncio.run(real_offer())
+
+    async def offers() -> list[tuple[int, str]]:
+        first = await post(whip_url(server, "shared"), offer, "127.0.0.2")
+        second = await post(whip_url(server, "shared"), offer, "127.0.0.3")  # replaces the first, still unconnected
+        return [first, second]
+
+    results = asyncio.run(offers())
+    assert [status for status, _ in results] == [201, 201], results
+    server.wait_for_log(r"WHIP publish ended.*stream=shared.*replaced by a new offer from 127.0.0.3 before it connected")
+    server.wait_for_log(r"WHIP publish ended.*stream=shared.*client=127.0.0.3.*did not connect within 1 s", timeout=5)
+    assert wait_proc(rtmp, 60) == 0
+    assert not server.log_lines("publisher replaced")
+    wait_for_endlist(server.hls_url("shared"), 10)
+    assert_exact(clips.get(SMALL), read_hls(server.hls_url("shared")).segments, segment_target=2.0, label="shared")
+    server.assert_no_tracebacks()
