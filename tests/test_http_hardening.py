@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -190,14 +189,12 @@ def test_slowloris_and_idle_connections_closed_within_the_timeouts(strict_server
             response += chunk
         assert response.startswith(b"HTTP/1.1 200"), response
         time.sleep(0.5)
-    t0 = time.monotonic()
     closed, took, _ = _closed_within(sock, KEEPALIVE_TIMEOUT + SLACK + 2)
     sock.close()
     took += 0.5  # the last sleep above was idle time too
     assert closed and KEEPALIVE_TIMEOUT - 0.3 <= took <= KEEPALIVE_TIMEOUT + SLACK, (
         f"idle keep-alive closed={closed} after {took:.2f} s (keepalive_timeout {KEEPALIVE_TIMEOUT})"
     )
-    del t0
     lines = server.log_lines(r"HTTP connection closed .*no complete request header")
     assert 1 <= len(lines) <= 20, f"{len(lines)} header-timeout lines for 20 connections:\n" + "\n".join(lines[:30])
     server.assert_no_tracebacks()
