@@ -118,7 +118,7 @@ def test_offers_with_500_sections_and_without_fingerprint_are_refused_fast(serve
     assert max(during) < 0.25, f"/healthz took {max(during) * 1e3:.0f} ms during the offers"
     assert rss_after - rss_before < 20_000, f"RSS grew {rss_after - rss_before} kB"
     assert not server.log_lines("WHIP publish started") and not server.hls_dir("many").exists()
-    assert len(server.log_lines("WHIP offer refused.*more than 1 video section")) == 20
+    assert server.log_lines("WHIP offer refused.*more than 1 video section")  # logged, rate-limited
 
     assert wait_proc(rtmp, 60) == 0
     wait_for_endlist(server.hls_url("steady"), 10)
