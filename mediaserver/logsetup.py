@@ -16,9 +16,10 @@ from typing import Any
 RATE_LIMIT = 10
 """Lines per second per (logger, message) for the loggers in RATE_LIMITED;
 the rest are counted and the next line that passes says how many were dropped."""
-RATE_LIMITED = ("aiohttp", "mediaserver.http", "mediaserver.whip")
+RATE_LIMITED = ("aiohttp", "mediaserver.http")
 """Loggers whose lines a remote client can cause at will (refused requests,
-refused connections): an attacker must not be able to flood the log."""
+refused connections): an attacker must not be able to flood the log. (WHIP
+limits its own refusal lines: its per-publish lines must all be kept.)"""
 
 
 def event(logger: logging.Logger, level: int, text: str, **fields: Any) -> None:
