@@ -158,7 +158,7 @@ class _SentHook(AbstractAccessLogger):
 
 
 class GuardedListener:
-    """Same interface as `listener.HttpListener` (start, addresses, close), with the guards."""
+    """An aiohttp application on one address (start, addresses, close), with the guards."""
 
     def __init__(
         self,
