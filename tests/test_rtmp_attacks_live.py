@@ -34,7 +34,10 @@ ATTACKS = [
     (delete_stream_nan, r"stream id nan is not a whole number"),
 ]
 CONCURRENT = 16
-STALL_LIMIT = 0.050
+STALL_LIMIT = 0.150
+"""A /healthz round trip seen from outside, on 2 cores shared with the publishers
+and another test worker: the unbounded inputs stalled it 0.6-1.8 s; bounded
+ones measure 20-55 ms here under full load."""
 
 
 class HealthPoller(threading.Thread):
