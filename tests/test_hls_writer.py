@@ -1,6 +1,5 @@
-"""The HLS writer: segments via PyAV, playlists written atomically and at once."""
+"""The HLS writer: MPEG-TS segments from our packetiser, playlists written atomically and at once."""
 
-import subprocess
 
 import av
 import m3u8
@@ -9,24 +8,12 @@ import pytest
 from mediaserver.hls.playlist import SegmentEntry, render, target_duration
 from mediaserver.hls.segmenter import HlsWriter, aac_rate_and_channels
 
+from flv_clip import flv_clip
+
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "clip.flv"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30",
-         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", "3",
-         "-c:v", "libx264", "-g", "30", "-preset", "ultrafast", "-c:a", "aac", "-f", "flv", str(path)],
-        check=True,
-    )
-    with av.open(str(path)) as src:
-        video = src.streams.video[0].codec_context.extradata
-        audio = src.streams.audio[0].codec_context.extradata
-        packets = [
-            (p.stream.type, p.dts, p.pts, p.is_keyframe, bytes(p))
-            for p in src.demux() if p.size
-        ]
-    return video, audio, packets
+    return flv_clip(tmp_path_factory.mktemp("clip") / "clip.flv", "160x120")
 
 
 def test_playlist_is_complete_when_end_segment_returns(tmp_path, clip):

@@ -1,31 +1,20 @@
 """Counters read back from a segment on disk: what a restarted writer would continue from."""
 
 import os
-import subprocess
 import threading
 
-import av
 import pytest
 
 from mediaserver.hls import tspack
 from mediaserver.hls.segmenter import HlsWriter
 from mediaserver.hls.ts_resume import counters_after, next_counters
 
+from flv_clip import flv_clip
+
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "clip.flv"
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30",
-         "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=48000", "-t", "3",
-         "-c:v", "libx264", "-g", "30", "-preset", "ultrafast", "-c:a", "aac", "-f", "flv", str(path)],
-        check=True,
-    )
-    with av.open(str(path)) as src:
-        video = src.streams.video[0].codec_context.extradata
-        audio = src.streams.audio[0].codec_context.extradata
-        packets = [(p.stream.type, p.dts, p.pts, p.is_keyframe, bytes(p)) for p in src.demux() if p.size]
-    return video, audio, packets
+    return flv_clip(tmp_path_factory.mktemp("clip") / "clip.flv", "320x180")
 
 
 def test_counters_after_match_the_writer_state(tmp_path, clip):
