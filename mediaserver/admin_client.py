@@ -23,7 +23,8 @@ from typing import Any
 from .admin_token import token_path
 from .config import Config
 
-TIMEOUT = 120.0
+TIMEOUT = 330.0
+"""Seconds to wait for an answer: an upgrade waits for a new worker to start and take every connection."""
 """Seconds to wait for an answer: a relup's preflight over many sessions takes a while."""
 
 
@@ -141,6 +142,32 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  session {result.get('stream')}: ok: {result.get('detail')}")
 
 
+def print_upgrade(report: dict[str, Any]) -> None:
+    action = report.get("action", "upgrade")
+    if not report.get("ok"):
+        outcome = "REFUSED (nothing changed)"
+    elif action == "upgrade_dry_run":
+        outcome = "done (checked only, nothing moved)"
+    else:
+        outcome = "done"
+    if action == "upgrade_keeper":
+        print(f"upgrade of the keeper: {outcome}")
+    else:
+        print(f"{action} worker {report.get('old_pid')} -> {report.get('new_pid')}: {outcome}")
+        print(f"  new worker: logic {report.get('new_version')}, package {report.get('new_package_version')}; "
+              f"{report.get('connections', 0)} connection(s), {report.get('sessions', 0)} stream(s); "
+              f"moved {report.get('moved', 0)} in {report.get('switch_ms')} ms; took {report.get('duration_ms')} ms")
+    if report.get("error"):
+        print(f"  error: {report['error']}")
+    for error in report.get("session_errors") or []:
+        print(f"  {error.get('client')} {error.get('stream') or ''}: {error.get('reason')}")
+    pauses = [s["pause_ms"] for s in report.get("streams") or [] if s.get("pause_ms") is not None]
+    if pauses:
+        print(f"  per-stream pause: max {max(pauses):.1f} ms over {len(pauses)} stream(s)")
+    for kept in report.get("kept") or []:
+        print(f"  kept on the old worker: {kept}")
+
+
 def print_status(status: dict[str, Any]) -> None:
     print(f"version {status.get('version')}")
     print("generations:")
@@ -154,7 +181,7 @@ def print_status(status: dict[str, Any]) -> None:
         extra = "".join(f", {k} {s[k]}" for k in ("bitrate_kbps", "fps") if k in s)
         # Supervision counters only when something happened: a healthy line stays short.
         extra += "".join(f", {k} {s[k]}" for k in ("crashes", "quarantined", "held", "rehandled") if s.get(k))
-        print(f"  {s.get('name')}: {s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
+        print(f"  {s.get('name')}: worker {s.get('pid')}, {s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
               f"{s.get('video_frames', '?')} video / {s.get('audio_frames', '?')} audio frames{extra}")
     history = status.get("history") or []
     if history:
@@ -164,6 +191,21 @@ def print_status(status: dict[str, Any]) -> None:
             if r.get("rehandled"):
                 outcome += f", {r['rehandled']} quarantined messages handled again"
             print(f"  {r.get('action')} {r.get('from_version')} -> {r.get('to_version')}: {outcome}")
+    keeper = status.get("keeper")
+    if isinstance(keeper, dict) and "workers" in keeper:
+        print(f"keeper {keeper.get('pid')}:")
+        for w in keeper.get("workers") or []:
+            kept = f", keeps {', '.join(w['kept'])}" if w.get("kept") else ""
+            print(f"  worker {w.get('pid')} ({w.get('role')}): {w.get('status')}, logic {w.get('version')}, "
+                  f"package {w.get('package_version')}{kept}")
+        upgrades = keeper.get("upgrades") or []
+        if upgrades:
+            print("upgrade history:")
+            for u in upgrades[-10:]:
+                outcome = "ok" if u.get("ok") else f"refused: {u.get('error')}"
+                pauses = [s["pause_ms"] for s in u.get("streams") or [] if s.get("pause_ms") is not None]
+                pause = f", max pause {max(pauses):.1f} ms" if pauses else ""
+                print(f"  {u.get('action')} {u.get('old_pid')} -> {u.get('new_pid')}: {outcome}{pause}")
 
 
 def _refusal(code: int, body: Any) -> str:
@@ -179,6 +221,11 @@ def run(command: str, config: Config, args: Any) -> int:
         elif command == "apply":
             code, body = client.call(
                 "POST", "/api/v1/relup", {"path": relup_path_argument(args.path), "dry_run": args.dry_run}
+            )
+        elif command == "upgrade":
+            code, body = client.call(
+                "POST", "/api/v1/upgrade",
+                {"dry_run": args.dry_run, "keeper": args.keeper, "drain_timeout": args.drain_timeout},
             )
         else:
             code, body = client.call("POST", "/api/v1/revert", {})
@@ -196,7 +243,7 @@ def run(command: str, config: Config, args: Any) -> int:
         return 1
     if code in (200, 409) and isinstance(body, dict) and "ok" in body:
         if not args.json:
-            print_report(body)
+            (print_upgrade if command == "upgrade" else print_report)(body)
         return 0 if body["ok"] and code == 200 else 1
     print(_refusal(code, body), file=sys.stderr)
     return 1

@@ -76,6 +76,21 @@ def _parser() -> argparse.ArgumentParser:
         "generation (kept in memory) through the down migrations.",
     )
     admin_options(revert)
+    upgrade = commands.add_parser(
+        "upgrade", help="hand every live connection to a new worker running the code and config on disk now",
+        description="Start a new worker from the code and config installed now and move every live RTMP "
+        "connection to it with its state (same TCP connection, nothing lost). A new worker that cannot "
+        "start, or cannot take a connection's state, changes nothing. --dry-run does everything but the "
+        "move. --keeper re-executes the keeper itself, keeping its sockets and workers.",
+    )
+    upgrade.add_argument("--dry-run", action="store_true", help="start and check the new worker; move nothing")
+    upgrade.add_argument("--keeper", action="store_true", help="re-execute the keeper process in place")
+    upgrade.add_argument(
+        "--drain-timeout", type=float, default=0.0, metavar="SECONDS",
+        help="how long the old worker may keep WHIP publishers (default 3600)",
+    )
+    admin_options(upgrade)
+    commands.add_parser("worker", help=argparse.SUPPRESS)
     return parser
 
 
@@ -83,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "worker":
+        from . import worker
+
+        return worker.main()
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -90,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import admin_client
 
-    if args.command == "status":
-        return admin_client.run("status", config, args)
+    if args.command in ("status", "upgrade"):
+        return admin_client.run(args.command, config, args)
     return admin_client.run(args.relup_command, config, args)
 
 
@@ -105,22 +124,11 @@ def _serve(args: argparse.Namespace) -> int:
         config.log_format = args.log_format
     if args.log_level:
         config.log_level = args.log_level
-    import asyncio  # here, not at the top: the admin commands start faster without it
-
-    from . import logsetup, server
+    from . import keeper, logsetup
 
     logsetup.configure(config.log_level, config.log_format)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; stay usable without it
-        run = asyncio.run
-    else:
-        run = uvloop.run
-    try:
-        return run(server.serve(config))
-    except OSError as exc:  # a port in use, an address not on this machine: said, not a traceback
-        print(f"mediaserver: cannot start: {exc}", file=sys.stderr)
-        return 1
+    options = {"log_level": args.log_level, "log_format": args.log_format}
+    return keeper.run(config, args.config, options)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,15 @@ class HlsWriter:
             self._file.flush()
         return self.state
 
+    def detach(self) -> WriterState:
+        """Hand the writer to another process: the open segment stays as it is on
+        disk, and this object writes nothing more."""
+        state = self.to_state()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        return state
+
     # -- recovery ------------------------------------------------------------
 
     def _recover(self) -> None:

@@ -21,6 +21,7 @@ the hold overflows, or when the session ends.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from typing import Any, Callable, Protocol
@@ -268,6 +269,7 @@ class Session:
             state_version=getattr(self.state, "version", None),
             uptime=round(time.monotonic() - self.started, 3),
             client=self.client,
+            pid=os.getpid(),
             crashes=self.crashes,
             quarantined=self.quarantined,
             held=len(self.held),

@@ -64,12 +64,16 @@ class Streams:
         """Whether a generation may still be reverted; set by the relup engine."""
         self.sessions_started = 0
         self.restarts_total = 0
+        self.foreign: set[str] = set()
+        """Names still published through the previous worker after an upgrade (WHIP draining)."""
         self.received: dict[str, dict[str, int]] = {}
         """Per name: bytes and frames received by publishes that have ended."""
 
     def publish(
         self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None]
     ) -> Session:
+        if name in self.foreign:
+            raise PublishRefused(f"stream {name} is still published through the previous worker")
         current = self.live.get(name)
         if current is None and len(self.live) >= self.config.limits.max_streams:
             raise PublishRefused(f"the server's limit of {self.config.limits.max_streams} live streams is reached")
@@ -126,12 +130,67 @@ class Streams:
         event(log, logging.INFO, "publish started", stream=name, client=publisher.client)
         return session
 
-    def recover(self) -> None:
+    def adopt(
+        self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None],
+        logic_state: Any, moved: Any,
+    ) -> Session:
+        """A publish handed over by the previous worker: its writer and logic state go on."""
+        if name in self.live:
+            raise PublishRefused(f"stream {name} is already live in this worker")
+        writer = HlsWriter(
+            self.hls_root / name,
+            playlist_size=self.config.hls.playlist_size,
+            segment_target=self.config.hls.segment_target,
+            state=moved.writer,
+        )
+        self.writers[name] = writer
+        previews = self.previews.get(name)
+        if previews is None:
+            previews = self.previews[name] = StreamPreviews(
+                name, self.preview_pool, self.config.previews.thumbnail_width
+            )
+        session = Session(
+            name=name,
+            generation=self.generation,
+            state=logic_state,
+            effects=HlsEffects(name, writer, previews),
+            mailbox_limit=self.config.rtmp.mailbox_limit,
+            on_backpressure=on_backpressure,
+            supervisor=self,
+            max_restarts=self.config.supervisor.max_restarts,
+            restart_window=self.config.supervisor.restart_window,
+            client=publisher.client,
+        )
+        session.handled = moved.handled
+        session.crashes = moved.crashes
+        session.quarantined = moved.quarantined
+        session.started = time.monotonic() - max(time.time() - moved.started_wall, 0.0)
+        self.live[name] = LiveStream(name, session, publisher)
+        return session
+
+    def release(self, name: str, session: Session) -> None:
+        """Forget a publish another worker took over: nothing ends, nothing is written."""
+        live = self.live.get(name)
+        if live is None or live.session is not session:
+            return
+        del self.live[name]
+        session.stopped = True
+        writer = self.writers.pop(name, None)
+        if writer is not None:
+            writer.detach()
+        previews = self.previews.pop(name, None)
+        if previews is not None and hasattr(previews, "close"):
+            previews.close()
+
+    def recover(self, skip: frozenset[str] = frozenset()) -> None:
         """Pick up the playlists a previous process left, ending any it left live."""
         if not self.hls_root.is_dir():
             return
         for directory in sorted(self.hls_root.iterdir()):
-            if directory.is_dir() and (directory / "index.m3u8").is_file() and directory.name not in self.writers:
+            if (
+                directory.is_dir() and (directory / "index.m3u8").is_file()
+                and directory.name not in self.writers and directory.name not in skip
+            ):
                 try:
                     self.writers[directory.name] = HlsWriter(
                         directory,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -47,7 +47,16 @@ class RevertRequest(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+class UpgradeRequest(msgspec.Struct, forbid_unknown_fields=True):
+    dry_run: bool = False
+    keeper: bool = False
+    """Re-execute the keeper itself (its sockets and workers kept)."""
+    drain_timeout: float = 0.0
+    """Seconds the old worker may keep WHIP publishers; 0: the configured default."""
+
+
 _relup_request = msgspec.json.Decoder(RelupRequest)
+_upgrade_request = msgspec.json.Decoder(UpgradeRequest)
 _revert_request = msgspec.json.Decoder(RevertRequest)
 
 
@@ -84,12 +93,18 @@ def _allow(exc: web.HTTPException) -> dict[str, str] | None:
 
 
 class AdminServer:
-    def __init__(self, config: AdminConfig, code_server: CodeServer, token: str) -> None:
+    def __init__(
+        self, config: AdminConfig, code_server: CodeServer, token: str,
+        upgrader: Callable[[bool, bool, float], Awaitable[dict[str, Any]]] | None = None,
+        status_extra: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+    ) -> None:
         token = token.strip()  # as the header's value is compared
         if not token:
             raise ValueError("the admin API needs a token")
         self.config = config
         self.code = code_server
+        self.upgrader = upgrader
+        self.status_extra = status_extra
         self._token_digest = _digest(token.encode())
         self.app = web.Application(middlewares=[self._require_token], client_max_size=MAX_BODY)
         self.app.router.add_get(f"{API}/status", self.status)
@@ -97,6 +112,7 @@ class AdminServer:
         self.app.router.add_get(f"{API}/relups", self.relups)
         self.app.router.add_post(f"{API}/relup", self.relup)
         self.app.router.add_post(f"{API}/revert", self.revert)
+        self.app.router.add_post(f"{API}/upgrade", self.upgrade)
         static_files.add_routes(self.app, admin=True)
         # The public listener's defaults: a local process must not be able to
         # hold the admin port with slow or idle connections either.
@@ -141,8 +157,8 @@ class AdminServer:
             log.exception("admin request %s %s failed", request.method, request.raw_path[:200])
             return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    async def start(self) -> None:
-        await self.listener.start()
+    async def start(self, sockets: list[Any] | None = None, accept: bool = True) -> None:
+        await self.listener.start(sockets, accept)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -154,7 +170,23 @@ class AdminServer:
     # -- routes ----------------------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        return _reply(self.code.status())
+        status = self.code.status()
+        if self.status_extra is not None:
+            status.update(await self.status_extra())
+        return _reply(status)
+
+    async def upgrade(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if not body.strip():
+            return _error(400, 'request body must be a JSON object: {"dry_run": ..., "keeper": ...}')
+        try:
+            wanted = _upgrade_request.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _error(400, f"bad request body: {exc}")
+        if self.upgrader is None:
+            return _error(409, "this server runs without a keeper: there is nothing to hand over to")
+        report = await self.upgrader(wanted.dry_run, wanted.keeper, wanted.drain_timeout)
+        return _reply(report, status=200 if report.get("ok") else 409)
 
     async def sessions(self, request: web.Request) -> web.Response:
         return _reply(self.code.streams.describe())

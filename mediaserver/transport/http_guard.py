@@ -186,7 +186,8 @@ class GuardedListener:
         self.refused = {"total": 0, "per_client": 0}
         self.closed_by_timeout = {HEADER: 0, KEEPALIVE: 0}
         self._runner: web.AppRunner | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._listening: list[Any] | None = None
         # Outermost, so that no other middleware's work runs under the header clock.
         app.middlewares.insert(0, self._middleware)
 
@@ -210,7 +211,10 @@ class GuardedListener:
     def _protocol(self, server: web.Server) -> asyncio.Protocol:
         return _Admission(self, server)
 
-    async def start(self) -> None:
+    async def start(self, sockets: list[Any] | None = None, accept: bool = True) -> None:
+        """Listen on host:port, or on `sockets` (bound by the keeper; `resume_accepting` later
+        when `sockets` is given and `accept` is False)."""
+        self._listening = sockets
         hook = type("SentHook", (_SentHook,), {"listener": self})
         self._runner = web.AppRunner(
             self.app,
@@ -224,22 +228,41 @@ class GuardedListener:
         await self._runner.setup()
         server = self._runner.server
         assert server is not None
+        if accept:
+            await self.resume_accepting()
+
+    async def resume_accepting(self) -> None:
+        if self._servers:
+            return
+        assert self._runner is not None and self._runner.server is not None
+        server = self._runner.server
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: self._protocol(server), self.host, self.port, reuse_address=True
-        )
+        if self._listening is None:
+            self._servers = [await loop.create_server(
+                lambda: self._protocol(server), self.host, self.port, reuse_address=True
+            )]
+        else:
+            # A server closes the socket it is given: it gets a copy, the original stays.
+            self._servers = [
+                await loop.create_server(lambda: self._protocol(server), sock=sock.dup())
+                for sock in self._listening
+            ]
+
+    def stop_accepting(self) -> None:
+        servers, self._servers = self._servers, []
+        for each in servers:
+            each.close()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.getsockname()[:2] for s in self._server.sockets] if self._server is not None else []
+        if self._listening is not None:
+            return [s.getsockname()[:2] for s in self._listening]
+        return [s.getsockname()[:2] for each in self._servers for s in each.sockets]
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._server is not None:
-            await self._server.wait_closed()
 
 
 class _Admission(asyncio.Protocol):

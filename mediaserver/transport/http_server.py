@@ -122,8 +122,8 @@ class HttpServer:
         if metrics is not None:
             metrics.watch_http(self.listener)
 
-    async def start(self) -> None:
-        await self.listener.start()
+    async def start(self, sockets: list[Any] | None = None, accept: bool = True) -> None:
+        await self.listener.start(sockets, accept)
 
     @property
     def addresses(self) -> list[tuple[str, int]]:

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+import msgspec
 
 from .. import wire
 from ..auth import PublishAuth, PublishDenied, key_from_query
@@ -21,6 +24,9 @@ from ..proto import flv, rtmp
 from ..proto.errors import ProtocolError
 from ..runtime.session import Session
 from ..runtime.streams import PublishRefused, Streams
+
+if TYPE_CHECKING:
+    from ..handover import MovedConnection
 
 log = logging.getLogger("mediaserver.rtmp")
 
@@ -32,14 +38,23 @@ _SWEEP_INTERVAL = 0.5
 
 
 class RtmpConnection(asyncio.Protocol):
-    def __init__(self, server: RtmpServer) -> None:
+    def __init__(self, server: RtmpServer, core: rtmp.ServerConnection | None = None) -> None:
         self.server = server
         self.config = server.config
         self.streams = server.streams
-        self.core = rtmp.ServerConnection(
+        self.core = core or rtmp.ServerConnection(
             max_message_size=self.config.max_message_size,
             out_chunk_size=self.config.out_chunk_size,
         )
+        self.adopted = core is not None
+        """Handed over by the previous worker, with its state."""
+        self.last_read_at = 0.0
+        self.first_read_at: float | None = None
+        """First read after an adoption (the end of this stream's pause)."""
+        self.paused_since = 0.0
+        self.paused_for_move = False
+        self.moved = False
+        self.eof = False
         self.transport: asyncio.Transport | None = None
         self.client = "?"
         self.protocol = "rtmp"
@@ -70,6 +85,11 @@ class RtmpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.adopted:
+            # Nothing may be read before the old worker has our acknowledgement.
+            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.server.connections.add(self)
+            return
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             host = peer[0]
@@ -87,7 +107,9 @@ class RtmpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        self.last_activity = time.monotonic()
+        self.last_activity = self.last_read_at = time.monotonic()
+        if self.first_read_at is None and self.adopted:
+            self.first_read_at = self.last_read_at
         try:
             events = self.core.feed(data)
         except ProtocolError as exc:
@@ -114,7 +136,14 @@ class RtmpConnection(asyncio.Protocol):
                 if self.closed:
                     return
 
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return None  # close: the publisher is gone, what it sent has been handled
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.moved:
+            self.server.connections.discard(self)
+            return
         reason = "client disconnected" if exc is None else f"connection lost: {exc}"
         where = self.core.where()
         if where:
@@ -299,6 +328,97 @@ class RtmpConnection(asyncio.Protocol):
         elif now - self.last_activity > self.config.idle_timeout:
             self.disconnect(f"idle for more than {self.config.idle_timeout:g} s", level=logging.WARNING)
 
+    # -- hand-over to another worker -----------------------------------------
+
+    def movable_state(self) -> str | None:
+        """Why this connection cannot move now (None: it can)."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return "closed"
+        if self.eof:
+            return "half-closed"
+        if self.core.failed is not None:
+            return "failed"
+        if self._authorizing or self._held:
+            return "waiting for the publish webhook"
+        if self.transport.get_write_buffer_size():
+            return "output not yet sent"
+        session = self.session
+        if session is not None and (session.mailbox or session.suspended or session.stopped):
+            return "session busy"
+        return None
+
+    def export(self) -> MovedConnection:
+        from ..handover import MOVE_VERSION, MovedConnection, MovedSession
+        from ..proto.rtmp_state import export_state
+
+        self._flush()
+        moved_session = None
+        session = self.session
+        if session is not None and self.stream_name is not None:
+            writer = self.streams.writers[self.stream_name]
+            moved_session = MovedSession(
+                name=self.stream_name,
+                logic_version=session.generation.version,
+                logic_state=msgspec.to_builtins(session.state),
+                writer=writer.to_state(),
+                handled=session.handled,
+                crashes=session.crashes,
+                quarantined=session.quarantined,
+                started_wall=time.time() - (time.monotonic() - session.started),
+            )
+        return MovedConnection(
+            version=MOVE_VERSION, client=self.client, host=self.host,
+            accepted_at=self.accepted_at, last_activity=self.last_activity, connected=self.connected,
+            core=export_state(self.core), stream_name=self.stream_name, stream_id=self.stream_id,
+            frames_in=dict(self.frames_in), published_at=self.published_at,
+            last_read_at=self.last_read_at or self.accepted_at, session=moved_session,
+        )
+
+    def socket_fd(self) -> int:
+        assert self.transport is not None
+        return self.transport.get_extra_info("socket").fileno()
+
+    def pause_for_move(self) -> None:
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.paused_for_move = True
+        self.paused_since = time.monotonic()
+
+    def resume_after_failed_move(self) -> None:
+        """The successor did not take this connection: go on reading as before."""
+        if not self.paused_for_move:
+            return
+        self.paused_for_move = False
+        if self.transport is not None and not self.transport.is_closing():
+            session = self.session
+            if session is None or not session.reading_paused:
+                self.transport.resume_reading()
+
+    def detach_moved(self) -> None:
+        """The successor acknowledged: forget this connection without a word to the peer."""
+        self.moved = True
+        self.closed = True
+        session, self.session = self.session, None
+        if session is not None and self.stream_name is not None:
+            self.streams.release(self.stream_name, session)
+        self.server.connections.discard(self)
+        if self.transport is not None:
+            # close(), not shutdown(): the successor holds the same socket, so no FIN is sent.
+            self.transport.abort()
+
+    def resume_after_adopt(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            session = self.session
+            if session is None or not session.reading_paused:
+                self.transport.resume_reading()
+
+    def pause_report(self) -> dict[str, Any]:
+        moved_at = getattr(self, "moved_last_read_at", 0.0)
+        pause_ms = None
+        if self.first_read_at is not None and moved_at:
+            pause_ms = round((self.first_read_at - moved_at) * 1000, 3)
+        return {"client": self.client, "stream": self.stream_name, "pause_ms": pause_ms}
+
 
 class RtmpServer:
     def __init__(
@@ -309,7 +429,8 @@ class RtmpServer:
         self.auth = auth
         self.limits = limits or LimitsConfig()
         self.connections: set[RtmpConnection] = set()
-        self._server: asyncio.AbstractServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._listening: list[socket.socket] | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def admit(self, connection: RtmpConnection) -> str:
@@ -324,18 +445,60 @@ class RtmpServer:
             )
         return ""
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: RtmpConnection(self), self.config.host, self.config.port, reuse_address=True
-        )
+    async def start(self, sockets: list[socket.socket] | None = None, accept: bool = True) -> None:
+        """Listen on the configured address, or on `sockets` (bound by the keeper);
+        `accept` False: not yet (a successor accepts once the hand-over is done)."""
+        self._listening = sockets
+        if accept:
+            await self.resume_accepting()
         self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def resume_accepting(self) -> None:
+        if self._servers:
+            return
+        loop = asyncio.get_running_loop()
+        if self._listening is None:
+            self._servers = [await loop.create_server(
+                lambda: RtmpConnection(self), self.config.host, self.config.port, reuse_address=True
+            )]
+            return
+        # A server closes the socket it was given: give it a copy, keep the original.
+        self._servers = [
+            await loop.create_server(lambda: RtmpConnection(self), sock=sock.dup())
+            for sock in self._listening
+        ]
+
+    async def adopt(
+        self, sock: socket.socket, moved: MovedConnection, core: rtmp.ServerConnection, logic_state: Any
+    ) -> RtmpConnection:
+        """A connection handed over by the previous worker, reading paused until `resume_after_adopt`."""
+        connection = RtmpConnection(self, core)
+        connection.client, connection.host = moved.client, moved.host
+        connection.accepted_at, connection.last_activity = moved.accepted_at, moved.last_activity
+        connection.connected = moved.connected
+        connection.stream_name, connection.stream_id = moved.stream_name, moved.stream_id
+        connection.frames_in = dict(moved.frames_in) or {"video": 0, "audio": 0}
+        connection.published_at = moved.published_at
+        connection.moved_last_read_at = moved.last_read_at  # type: ignore[attr-defined]
+        if moved.session is not None and moved.stream_name is not None:
+            connection.session = self.streams.adopt(
+                moved.stream_name, connection, connection._backpressure, logic_state, moved.session
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: connection, sock)
+        except BaseException:
+            if connection.session is not None and moved.stream_name is not None:
+                self.streams.release(moved.stream_name, connection.session)
+            raise
+        event(log, logging.INFO, "connection adopted", client=connection.client, stream=connection.stream_name)
+        return connection
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        if self._server is None:
-            return []
-        return [sock.getsockname()[:2] for sock in self._server.sockets]
+        if self._listening is not None:
+            return [sock.getsockname()[:2] for sock in self._listening]
+        return [sock.getsockname()[:2] for server in self._servers for sock in server.sockets]
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -345,8 +508,10 @@ class RtmpServer:
                 connection.sweep(now)
 
     def stop_accepting(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        """Accept nothing more; the listening sockets stay open in the keeper."""
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
 
     async def close(self, reason: str) -> None:
         self.stop_accepting()
@@ -354,5 +519,3 @@ class RtmpServer:
             self._sweeper.cancel()
         for connection in list(self.connections):
             connection.disconnect(reason)
-        if self._server is not None:
-            await self._server.wait_closed()

@@ -362,8 +362,14 @@ class WhipServer:
         for method in ("GET", "PUT"):
             app.router.add_route(method, "/live/{name}/whip", self.not_allowed)
 
-    async def start(self) -> None:
-        if self.config.udp_port:
+    async def start(self, open_port: bool = True) -> None:
+        """`open_port` False: the shared UDP port is still another worker's (`open_shared_port` later)."""
+        if open_port:
+            await self.open_shared_port()
+        self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def open_shared_port(self) -> None:
+        if self.config.udp_port and not self.muxes:
             self.muxes = ice_mux.open_muxes(self.config.host_addresses, self.config.udp_port)
             try:
                 for mux in self.muxes:
@@ -371,8 +377,13 @@ class WhipServer:
             except OSError:
                 for mux in self.muxes:
                     mux.close()
+                self.muxes = []
                 raise
-        self._timer = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    def release_shared_port(self) -> None:
+        for mux in self.muxes:
+            mux.close()
+        self.muxes = []
 
     async def _tick_forever(self) -> None:
         while True:
@@ -466,6 +477,11 @@ class WhipServer:
             return _error(415, f"Content-Type must be application/sdp, not {content_type or 'missing'!r}")
         if not NAME_PATTERN.fullmatch(name):
             return _error(400, f"invalid stream name {name!r}")
+        if self.config.udp_port and not self.muxes:
+            return _error(
+                503, "the WebRTC UDP port is still held by the previous worker for its publishers; "
+                "retry in a few seconds", **{"Retry-After": "5"},
+            )
         if (request.content_length or 0) > whip_sdp.MAX_OFFER_BYTES:
             reason = f"SDP offer of {request.content_length} bytes is larger than {whip_sdp.MAX_OFFER_BYTES}"
             event(log, logging.WARNING, "WHIP offer refused", stream=name, client=client, reason=reason)
