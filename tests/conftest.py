@@ -139,6 +139,25 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
+    def worker_pids(self) -> list[int]:
+        """The keeper's worker processes (children), oldest first."""
+        try:
+            text = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        except FileNotFoundError:
+            return []
+        return [int(p) for p in text.split()]
+
+    def worker_pid(self, timeout: float = 10.0) -> int:
+        """The serving worker: the newest child once only one is left, or the only one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            if len(pids) == 1:
+                return pids[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"expected one worker, found {pids}; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -158,9 +177,16 @@ class ServerProcess:
         return self.returncode
 
     def kill(self) -> None:
+        """SIGKILL the keeper; its workers die with it (PR_SET_PDEATHSIG): wait until they have."""
         if self.proc is not None and self.proc.poll() is None:
+            workers = self.worker_pids()
             self.proc.kill()
             self.proc.wait(timeout=10)
+            deadline = time.monotonic() + 10
+            while any(Path(f"/proc/{pid}").exists() and "State:\tZ" not in _status(pid) for pid in workers):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"workers {workers} outlived their keeper")
+                time.sleep(0.02)
 
     # -- addresses
 
@@ -203,7 +229,8 @@ class ServerProcess:
             time.sleep(0.05)
 
     def rss_kb(self) -> int:
-        text = Path(f"/proc/{self.pid}/status").read_text()
+        """RSS of the serving worker (the keeper is small and holds no stream)."""
+        text = Path(f"/proc/{self.worker_pid()}/status").read_text()
         m = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
         assert m, text
         return int(m.group(1))
@@ -213,6 +240,13 @@ class ServerProcess:
         assert "Traceback (most recent call last)" not in text, (
             f"the server logged a traceback:\n{self.log_tail(120)}"
         )
+
+
+def _status(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return "State:\tZ"
 
 
 class ServerDied(AssertionError):
