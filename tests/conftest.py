@@ -85,9 +85,10 @@ def server_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "mediaserver", "serve", "--config", str(config_path)]
 
 
-def server_env() -> dict[str, str]:
+def server_env(pythonpath: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """`pythonpath`: where the server's package is installed (default: this checkout)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(pythonpath or REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -95,7 +96,8 @@ def server_env() -> dict[str, str]:
 class ServerProcess:
     """One running `mediaserver serve`."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any]):
+    def __init__(self, workdir: Path, config: dict[str, Any], pythonpath: str | os.PathLike[str] | None = None):
+        self.pythonpath = pythonpath
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = config
@@ -116,7 +118,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 server_command(self.config_path),
                 cwd=self.workdir,
-                env=server_env(),
+                env=server_env(self.pythonpath),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -269,7 +271,7 @@ def server_factory(tmp_path):
     """
     servers: list[ServerProcess] = []
 
-    def factory(**overrides: Any) -> ServerProcess:
+    def factory(pythonpath: str | os.PathLike[str] | None = None, **overrides: Any) -> ServerProcess:
         last_error: Exception | None = None
         for attempt in range(3):
             rtmp, http, admin = free_ports(3)
@@ -284,7 +286,7 @@ def server_factory(tmp_path):
                 },
             )
             config = merge(config, overrides)
-            server = ServerProcess(workdir, config)
+            server = ServerProcess(workdir, config, pythonpath)
             servers.append(server)
             try:
                 server.start()
