@@ -178,6 +178,12 @@ class HandoverSender:
 
     async def run(self) -> dict[str, Any]:
         report: dict[str, Any] = {"ok": False, "error": "", "moved": 0, "kept": [], "streams": []}
+        code_server: CodeServer = self.app.code_server
+        if code_server.lock.locked():
+            report["error"] = "a relup is in progress: upgrade again when it has finished; nothing changed"
+            self.channel.close()
+            return report
+        code_server.busy_reason = "an upgrade is moving the sessions to a new worker"
         try:
             await self._run(report)
         except ChannelClosed:
@@ -186,15 +192,15 @@ class HandoverSender:
             report["error"] = report["error"] or "the new worker did not answer in time"
         finally:
             self.channel.close()
+            code_server.busy_reason = (
+                "this worker has handed its sessions to the new worker" if report["ok"] and not self.dry_run else ""
+            )
         return report
 
     async def _run(self, report: dict[str, Any]) -> None:
         app = self.app
         rtmp: RtmpServer = app.rtmp
         code_server: CodeServer = app.code_server
-        if code_server.lock.locked():
-            report["error"] = "a relup is in progress: upgrade again when it has finished; nothing changed"
-            return
         connections = [c for c in rtmp.connections if c.movable_state() is None]
         states = []
         for connection in connections:

@@ -99,6 +99,9 @@ async def _run(fd: int) -> int:
     start, fds = await link.first_message()
     link.start = start
     link.role = start.get("role", "first")
+    if os.getppid() != start.get("keeper_pid"):
+        return 1  # the keeper died before PR_SET_PDEATHSIG was set
+
     listeners = [
         (item["kind"], socket.socket(fileno=fd)) for item, fd in zip(start["listeners"], fds)
     ]
@@ -120,8 +123,12 @@ async def _run(fd: int) -> int:
         await link.channel.drain()
         print(f"mediaserver: {'; '.join(problems)}", file=sys.stderr)
         return 2
-    from . import logsetup, server
-
+    try:
+        from . import logsetup, server
+    except BaseException as exc:  # an install that cannot import: the keeper says why
+        link.send({"type": "failed", "reason": f"the server cannot be imported: {type(exc).__name__}: {exc}"})
+        await link.channel.drain()
+        raise
     logsetup.configure(config.log_level, config.log_format)
     try:
         return await server.serve(config, link=link, listeners=listeners)

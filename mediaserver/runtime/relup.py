@@ -106,6 +106,8 @@ class CodeServer:
         self.lock = asyncio.Lock()
         """One lock for apply, revert and auto-revert."""
         self.report_listeners: list[Callable[[RelupReport], None]] = []
+        self.busy_reason = ""
+        """Why apply and revert are refused now (an upgrade is moving the sessions); "" when not."""
         self.counts: dict[str, int] = {}
         """(action, ok|refused) -> how many, for metrics; history itself is capped."""
         streams.crash_listeners.append(self._on_crash)
@@ -148,6 +150,8 @@ class CodeServer:
         )
         generation: Generation | None = None
         try:
+            if self.busy_reason:
+                raise RelupSpecError(f"{self.busy_reason}: nothing changed; apply again afterwards")
             package = self._find_package(requested)
             check_package_tree(package)  # before reading anything in it
             spec = read_spec(package / "relup.toml")
@@ -342,6 +346,11 @@ class CodeServer:
     # -- revert ----------------------------------------------------------------
 
     async def revert(self, reason: str = "operator request", action: str = "revert") -> RelupReport:
+        if self.busy_reason and action == "revert":
+            report = RelupReport(False, action, self.current.version, "?", sessions=self._live_count(), at=time.time())
+            report.error = f"{self.busy_reason}: nothing changed; revert again afterwards"
+            self._record(report)
+            return report
         async with self.lock:
             return self._revert_now(reason, action)
 
