@@ -181,7 +181,8 @@ def print_status(status: dict[str, Any]) -> None:
         extra = "".join(f", {k} {s[k]}" for k in ("bitrate_kbps", "fps") if k in s)
         # Supervision counters only when something happened: a healthy line stays short.
         extra += "".join(f", {k} {s[k]}" for k in ("crashes", "quarantined", "held", "rehandled") if s.get(k))
-        print(f"  {s.get('name')}: worker {s.get('pid')}, {s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
+        worker = f"worker {s['pid']}, " if s.get("pid") else ""
+        print(f"  {s.get('name')}: {worker}{s.get('version')} state v{s.get('state_version')}, up {s.get('uptime')} s, "
               f"{s.get('video_frames', '?')} video / {s.get('audio_frames', '?')} audio frames{extra}")
     history = status.get("history") or []
     if history:

@@ -232,13 +232,26 @@ class HandoverSender:
         rtmp.stop_accepting()
         moved, kept = await self._move_all(report)
         if report["error"]:
-            rtmp.resume_accepting()
+            await rtmp.resume_accepting()
             return
         whip_names = app.whip_names()
-        finished, _ = await self.channel.request(
-            {"type": "done", "kept": whip_names + [c.stream_name for c in kept if c.stream_name]},
-            timeout=PREPARE_TIMEOUT,
-        )
+        # From here the successor answers every new HTTP and admin connection.
+        app.stop_public_listeners()
+        try:
+            finished, _ = await self.channel.request(
+                {"type": "done", "kept": whip_names + [c.stream_name for c in kept if c.stream_name]},
+                timeout=PREPARE_TIMEOUT,
+            )
+        except (ChannelClosed, asyncio.TimeoutError):
+            # Everything acknowledged went with it; this worker serves what it kept.
+            await app.resume_public_listeners()
+            await rtmp.resume_accepting()
+            report["moved"] = moved
+            report["error"] = (
+                f"the new worker went away after taking {moved} connection(s) (lost with it); "
+                "this worker goes on serving"
+            )
+            return
         report["switch_ms"] = round((time.perf_counter() - started) * 1000, 3)
         report["moved"] = moved
         report["kept"] = whip_names + [c.client for c in kept]

@@ -217,11 +217,17 @@ class WorkerApp:
         names = {p.name for p in self.whip.resources.values()} | set(self.whip.reserved)
         return sorted(names)
 
+    def stop_public_listeners(self) -> None:
+        self.http.listener.stop_accepting()
+        self.admin.listener.stop_accepting()
+
+    async def resume_public_listeners(self) -> None:
+        await self.http.listener.resume_accepting()
+        await self.admin.listener.resume_accepting()
+
     def _retire(self, drain_timeout: float) -> None:
         """Every RTMP connection moved: serve WHIP publishers until they end, then exit."""
         self.retiring = True
-        self.http.listener.stop_accepting()
-        self.admin.listener.stop_accepting()
         asyncio.get_running_loop().create_task(self._retire_loop(drain_timeout))
 
     async def _retire_loop(self, drain_timeout: float) -> None:

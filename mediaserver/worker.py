@@ -132,6 +132,11 @@ async def _run(fd: int) -> int:
     logsetup.configure(config.log_level, config.log_format)
     try:
         return await server.serve(config, link=link, listeners=listeners)
+    except OSError as exc:  # a UDP port in use, an address not on this machine: said, not a traceback
+        link.send({"type": "failed", "reason": f"cannot start: {exc}"})
+        await link.channel.drain()
+        print(f"mediaserver: cannot start: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         link.send({"type": "failed", "reason": f"{type(exc).__name__}: {exc}"})
         await link.channel.drain()
