@@ -235,6 +235,7 @@ class Keeper:
         self.serving = worker
         if worker.channel is not None and not worker.channel.closed:
             worker.channel.send({"type": "active"})
+        self._tell_foreign()
         self._release_webrtc_if_free()
 
     def _release_webrtc_if_free(self) -> None:
@@ -272,8 +273,28 @@ class Keeper:
             asyncio.get_running_loop().create_task(self._upgrade_request(worker, message))
         elif kind == "upgrade_keeper":
             asyncio.get_running_loop().create_task(self._reexec_request(worker, message))
+        elif kind == "whip_delete":
+            asyncio.get_running_loop().create_task(self._relay_whip_delete(worker, message))
         elif kind == "workers":
             worker.channel.reply(message, {"type": "workers", "keeper": self.describe()})  # type: ignore[union-attr]
+
+    async def _relay_whip_delete(self, asker: Worker, message: dict[str, Any]) -> None:
+        """A DELETE for a WHIP resource that a retiring worker still serves goes to that worker."""
+        owner = next(
+            (w for w in self.workers.values() if w is not asker and message.get("name") in w.info.get("kept", [])),
+            None,
+        )
+        answer: dict[str, Any] = {"status": 404, "text": "no worker serves that WHIP resource\n"}
+        if owner is not None and owner.channel is not None and not owner.channel.closed:
+            try:
+                reply, _ = await owner.channel.request(
+                    {k: message.get(k) for k in ("type", "name", "resource", "token")}, timeout=8.0
+                )
+                answer = {"status": reply.get("status", 502), "text": reply.get("text", "")}
+            except (ChannelClosed, asyncio.TimeoutError):
+                answer = {"status": 503, "text": "the previous worker did not answer\n"}
+        if asker.channel is not None and not asker.channel.closed:
+            asker.channel.reply(message, answer)
 
     def _tell_foreign(self) -> None:
         """The serving worker refuses names another worker still publishes."""

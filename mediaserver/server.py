@@ -99,6 +99,9 @@ class WorkerApp:
                 self._open_webrtc_port()
             )
             self.link.handlers["foreign"] = self._on_foreign
+            self.link.handlers["whip_delete"] = self._on_whip_delete
+            if self.whip is not None:
+                self.whip.forward_delete = self._forward_whip_delete
         event(
             log, logging.INFO,
             "worker loaded, waiting for the hand-over" if successor else "mediaserver started",
@@ -203,6 +206,8 @@ class WorkerApp:
                 report = await HandoverSender(self, sock, bool(message.get("dry_run"))).run()
             finally:
                 self.handover_busy = False
+        if report.get("ok") and not message.get("dry_run"):
+            self.link.send({"type": "kept", "kept": self.whip_names()})
         event(
             log, logging.INFO if report.get("ok") else logging.WARNING,
             "hand-over done" if report.get("ok") else "hand-over refused",
@@ -288,6 +293,26 @@ class WorkerApp:
               rtmp=" ".join(f"{h}:{p}" for h, p in self.rtmp.addresses),
               http=" ".join(f"{h}:{p}" for h, p in self.http.addresses),
               admin=" ".join(f"{h}:{p}" for h, p in self.admin.addresses))
+
+    async def _forward_whip_delete(self, name: str, resource: str, token: str) -> tuple[int, str]:
+        try:
+            reply = await self.link.request(
+                {"type": "whip_delete", "name": name, "resource": resource, "token": token}, timeout=10.0
+            )
+        except Exception as exc:
+            return 503, f"the previous worker did not answer: {type(exc).__name__}\n"
+        return int(reply.get("status", 502)), str(reply.get("text", ""))
+
+    def _on_whip_delete(self, message: dict[str, Any], fds: list[int]) -> None:
+        async def answer() -> None:
+            status, text = 404, "no such resource\n"
+            if self.whip is not None:
+                status, text = await self.whip.delete_for_another_worker(
+                    str(message.get("name")), str(message.get("resource")), str(message.get("token", ""))
+                )
+            self.link.channel.reply(message, {"status": status, "text": text})
+
+        asyncio.get_running_loop().create_task(answer())
 
     def _on_foreign(self, message: dict[str, Any], fds: list[int]) -> None:
         self.streams.foreign = set(message.get("names", []))

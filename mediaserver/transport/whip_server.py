@@ -33,7 +33,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
@@ -337,6 +337,8 @@ class WhipServer:
         """Names answered but not yet connected: the stream (directory, writer,
         metrics) is made only when ICE and DTLS complete, but a second POST for
         the name meanwhile is a conflict all the same."""
+        self.forward_delete: Callable[[str, str, str], Awaitable[tuple[int, str]]] | None = None
+        """DELETE of a resource the previous worker still serves (set by the worker)."""
         self._timer: asyncio.Task[None] | None = None
         self.muxes: list[ice_mux.UdpMux] = []
         self.closing: set[asyncio.Task[None]] = set()
@@ -459,6 +461,10 @@ class WhipServer:
     async def delete(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         publish = self.resources.get(request.match_info["resource"])
+        if publish is None and name in self.streams.foreign and self.forward_delete is not None:
+            # Published through the previous worker, which keeps it until it ends: it ends it.
+            status, text = await self.forward_delete(name, request.match_info["resource"], _bearer(request))
+            return web.Response(status=status, text=text, headers=CORS)
         if publish is None or publish.name != name:
             return _error(404, f"no WHIP resource {request.match_info['resource']!r} for stream {name!r}")
         if self.auth.config.keys:
@@ -468,6 +474,18 @@ class WhipServer:
                 return _error(401, str(exc), **{"WWW-Authenticate": "Bearer"})
         await publish.finish("publisher sent DELETE")
         return web.Response(status=200, headers=CORS)
+
+    async def delete_for_another_worker(self, name: str, resource: str, token: str) -> tuple[int, str]:
+        publish = self.resources.get(resource)
+        if publish is None or publish.name != name:
+            return 404, f"no WHIP resource {resource!r} for stream {name!r}\n"
+        if self.auth.config.keys:
+            try:
+                self.auth.check_key(name, token)
+            except PublishDenied as exc:
+                return 401, f"{exc}\n"
+        await publish.finish("publisher sent DELETE")
+        return 200, ""
 
     async def post(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
