@@ -239,17 +239,23 @@ class WorkerApp:
         deadline = time.monotonic() + drain_timeout
         last: list[str] | None = None
         while True:
-            names = self.whip_names()
-            if not names:
+            # WHIP publishers, and RTMP connections that could not move (webhook
+            # still pending after the wait, half-closed): served until they end.
+            names = self.whip_names() + sorted(c.stream_name for c in self.rtmp.connections if c.stream_name)
+            if not names and not self.rtmp.connections:
                 break
             if names != last:
-                event(log, logging.INFO, "retiring worker keeps its WHIP publishers", streams=",".join(names))
+                event(log, logging.INFO, "retiring worker keeps its publishers", streams=",".join(names),
+                      connections=len(self.rtmp.connections))
                 self.link.send({"type": "kept", "kept": names})
                 last = names
             if time.monotonic() > deadline:
-                event(log, logging.WARNING, "drain timeout: ending the WHIP publishers left", streams=",".join(names))
+                reason = f"drain timeout of {drain_timeout:g} s after an upgrade"
+                event(log, logging.WARNING, "drain timeout: ending the publishers left", streams=",".join(names))
                 if self.whip is not None:
-                    await self.whip.close(f"drain timeout of {drain_timeout:g} s after an upgrade")
+                    await self.whip.close(reason)
+                for connection in list(self.rtmp.connections):
+                    connection.disconnect(reason)
                 break
             await asyncio.sleep(RETIRE_CHECK)
         if self.whip is not None:
