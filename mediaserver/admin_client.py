@@ -206,7 +206,10 @@ def print_status(status: dict[str, Any]) -> None:
                 outcome = "ok" if u.get("ok") else f"refused: {u.get('error')}"
                 pauses = [s["pause_ms"] for s in u.get("streams") or [] if s.get("pause_ms") is not None]
                 pause = f", max pause {max(pauses):.1f} ms" if pauses else ""
-                print(f"  {u.get('action')} {u.get('old_pid')} -> {u.get('new_pid')}: {outcome}{pause}")
+                if u.get("action") == "upgrade_keeper":
+                    print(f"  keeper re-executed in place: {outcome}")
+                else:
+                    print(f"  {u.get('action')} worker {u.get('old_pid')} -> {u.get('new_pid')}: {outcome}{pause}")
 
 
 def _refusal(code: int, body: Any) -> str:
