@@ -98,11 +98,6 @@ class Streams:
                 event(log, logging.ERROR, "publish refused: unsafe stream directory", stream=name, reason=str(exc))
                 raise PublishRefused(f"stream {name} cannot be written: {exc.strerror}") from None
             self.writers[name] = writer
-        previews = self.previews.get(name)
-        if previews is None:
-            previews = self.previews[name] = StreamPreviews(
-                name, self.preview_pool, self.config.previews.thumbnail_width
-            )
         settings = {
             "thumbnail_interval_ms": round(self.config.previews.thumbnail_interval * 1000),
             "levels_interval_ms": round(self.config.previews.levels_interval * 1000),
@@ -112,19 +107,8 @@ class Streams:
             "first_sequence": writer.next_sequence,
             "discontinuity": bool(writer.entries),
         }
-        generation = self.generation
-        session = Session(
-            name=name,
-            generation=generation,
-            state=generation.init(name, time.time(), settings),
-            effects=HlsEffects(name, writer, previews),
-            mailbox_limit=self.config.rtmp.mailbox_limit,
-            on_backpressure=on_backpressure,
-            supervisor=self,
-            max_restarts=self.config.supervisor.max_restarts,
-            restart_window=self.config.supervisor.restart_window,
-            client=publisher.client,
-        )
+        state = self.generation.init(name, time.time(), settings)
+        session = self._session(name, publisher, on_backpressure, writer, state)
         self.sessions_started += 1
         self.live[name] = LiveStream(name, session, publisher)
         event(log, logging.INFO, "publish started", stream=name, client=publisher.client)
@@ -144,15 +128,27 @@ class Streams:
             state=moved.writer,
         )
         self.writers[name] = writer
+        session = self._session(name, publisher, on_backpressure, writer, logic_state)
+        session.handled = moved.handled
+        session.crashes = moved.crashes
+        session.quarantined = moved.quarantined
+        session.started = time.monotonic() - max(time.time() - moved.started_wall, 0.0)
+        self.live[name] = LiveStream(name, session, publisher)
+        return session
+
+    def _session(
+        self, name: str, publisher: Publisher, on_backpressure: Callable[[bool], None],
+        writer: HlsWriter, state: Any,
+    ) -> Session:
         previews = self.previews.get(name)
         if previews is None:
             previews = self.previews[name] = StreamPreviews(
                 name, self.preview_pool, self.config.previews.thumbnail_width
             )
-        session = Session(
+        return Session(
             name=name,
             generation=self.generation,
-            state=logic_state,
+            state=state,
             effects=HlsEffects(name, writer, previews),
             mailbox_limit=self.config.rtmp.mailbox_limit,
             on_backpressure=on_backpressure,
@@ -161,12 +157,6 @@ class Streams:
             restart_window=self.config.supervisor.restart_window,
             client=publisher.client,
         )
-        session.handled = moved.handled
-        session.crashes = moved.crashes
-        session.quarantined = moved.quarantined
-        session.started = time.monotonic() - max(time.time() - moved.started_wall, 0.0)
-        self.live[name] = LiveStream(name, session, publisher)
-        return session
 
     def release(self, name: str, session: Session) -> None:
         """Forget a publish another worker took over: nothing ends, nothing is written."""
