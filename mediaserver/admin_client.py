@@ -23,9 +23,10 @@ from typing import Any
 from .admin_token import token_path
 from .config import Config
 
-TIMEOUT = 330.0
-"""Seconds to wait for an answer: an upgrade waits for a new worker to start and take every connection."""
+TIMEOUT = 120.0
 """Seconds to wait for an answer: a relup's preflight over many sessions takes a while."""
+UPGRADE_TIMEOUT = 330.0
+"""An upgrade waits for a new worker to start (60 s at most) and take every connection (60 s)."""
 
 
 class AdminUnreachable(Exception):
@@ -44,7 +45,7 @@ class AdminClient:
             self._token = _read_token(self.config)
         return self._token
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None, timeout: float = TIMEOUT) -> tuple[int, Any]:
         """(HTTP status, decoded JSON answer) for any answer the server gives."""
         parts = urllib.parse.urlsplit(self.url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -57,7 +58,7 @@ class AdminClient:
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, _decode(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, _decode(exc.read())
@@ -230,6 +231,7 @@ def run(command: str, config: Config, args: Any) -> int:
             code, body = client.call(
                 "POST", "/api/v1/upgrade",
                 {"dry_run": args.dry_run, "keeper": args.keeper, "drain_timeout": args.drain_timeout},
+                timeout=UPGRADE_TIMEOUT,
             )
         else:
             code, body = client.call("POST", "/api/v1/revert", {})
