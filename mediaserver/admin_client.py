@@ -163,8 +163,12 @@ def print_upgrade(report: dict[str, Any]) -> None:
     for error in report.get("session_errors") or []:
         print(f"  {error.get('client')} {error.get('stream') or ''}: {error.get('reason')}")
     pauses = [s["pause_ms"] for s in report.get("streams") or [] if s.get("pause_ms") is not None]
+    held = [s["held_ms"] for s in report.get("streams") or [] if s.get("held_ms") is not None]
     if pauses:
-        print(f"  per-stream pause: max {max(pauses):.1f} ms over {len(pauses)} stream(s)")
+        print(f"  per-stream pause (last read by the old worker -> first by the new): "
+              f"max {max(pauses):.1f} ms over {len(pauses)} stream(s)")
+    if held:
+        print(f"  reading off for the move (old stopped -> new started): max {max(held):.1f} ms")
     for kept in report.get("kept") or []:
         print(f"  kept on the old worker: {kept}")
 

@@ -86,6 +86,8 @@ class MovedConnection(msgspec.Struct, forbid_unknown_fields=True):
     published_at: float = 0.0
     last_read_at: float = 0.0
     """CLOCK_MONOTONIC (system-wide) of the old worker's last read: the pause starts here."""
+    paused_at: float = 0.0
+    """When the old worker stopped reading: from here on bytes wait in the kernel."""
     session: MovedSession | None = None
 
 

@@ -54,6 +54,10 @@ class RtmpConnection(asyncio.Protocol):
         self.paused_since = 0.0
         self.paused_for_move = False
         self.moved = False
+        self.moved_last_read_at = 0.0
+        self.moved_paused_at = 0.0
+        self.resumed_at = 0.0
+        """For an adopted connection: the old worker's last read, and when it stopped reading."""
         self.eof = False
         self.transport: asyncio.Transport | None = None
         self.client = "?"
@@ -372,6 +376,7 @@ class RtmpConnection(asyncio.Protocol):
             core=export_state(self.core), stream_name=self.stream_name, stream_id=self.stream_id,
             frames_in=dict(self.frames_in), published_at=self.published_at,
             last_read_at=self.last_read_at or self.accepted_at, session=moved_session,
+            paused_at=self.paused_since if self.paused_for_move else 0.0,
         )
 
     def socket_fd(self) -> int:
@@ -407,17 +412,22 @@ class RtmpConnection(asyncio.Protocol):
             self.transport.abort()
 
     def resume_after_adopt(self) -> None:
+        self.resumed_at = time.monotonic()
         if self.transport is not None and not self.transport.is_closing():
             session = self.session
             if session is None or not session.reading_paused:
                 self.transport.resume_reading()
 
     def pause_report(self) -> dict[str, Any]:
-        moved_at = getattr(self, "moved_last_read_at", 0.0)
-        pause_ms = None
-        if self.first_read_at is not None and moved_at:
-            pause_ms = round((self.first_read_at - moved_at) * 1000, 3)
-        return {"client": self.client, "stream": self.stream_name, "pause_ms": pause_ms}
+        """pause_ms: the old worker's last read -> our first (the issue's measure; it includes
+        the publisher's own gap between two sends); held_ms: the old worker stopped reading ->
+        we started (no process read this socket meanwhile: the hand-over's own share)."""
+        pause_ms = held_ms = None
+        if self.first_read_at is not None and self.moved_last_read_at:
+            pause_ms = round((self.first_read_at - self.moved_last_read_at) * 1000, 3)
+        if self.resumed_at and self.moved_paused_at:
+            held_ms = round((self.resumed_at - self.moved_paused_at) * 1000, 3)
+        return {"client": self.client, "stream": self.stream_name, "pause_ms": pause_ms, "held_ms": held_ms}
 
 
 class RtmpServer:
@@ -479,7 +489,8 @@ class RtmpServer:
         connection.stream_name, connection.stream_id = moved.stream_name, moved.stream_id
         connection.frames_in = dict(moved.frames_in) or {"video": 0, "audio": 0}
         connection.published_at = moved.published_at
-        connection.moved_last_read_at = moved.last_read_at  # type: ignore[attr-defined]
+        connection.moved_last_read_at = moved.last_read_at
+        connection.moved_paused_at = moved.paused_at
         if moved.session is not None and moved.stream_name is not None:
             connection.session = self.streams.adopt(
                 moved.stream_name, connection, connection._backpressure, logic_state, moved.session
