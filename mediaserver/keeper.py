@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from .config import Config
@@ -126,8 +127,12 @@ class Worker:
 
 
 class Keeper:
-    def __init__(self, config_path: str | None, options: dict[str, Any], listeners: list[Listener]) -> None:
+    def __init__(
+        self, config_path: str | None, options: dict[str, Any], listeners: list[Listener], data_dir: str = ""
+    ) -> None:
         self.config_path = config_path
+        self.data_dir = data_dir
+        """Where the workers write (resolved): it cannot change under live streams."""
         self.options = options
         """CLI overrides passed to every worker (log level and format)."""
         self.listeners = listeners
@@ -161,7 +166,7 @@ class Keeper:
         worker.channel.send(  # type: ignore[union-attr]
             {
                 "type": "start", "role": role, "config": self.config_path,
-                "options": self.options, "keeper_pid": os.getpid(),
+                "options": self.options, "keeper_pid": os.getpid(), "data_dir": self.data_dir,
                 "listeners": [listener.describe() for listener in self.listeners],
             },
             [listener.sock.fileno() for listener in self.listeners],
@@ -540,5 +545,5 @@ def run(config: Config, config_path: str | None, options: dict[str, Any]) -> int
         except OSError as exc:
             print(f"mediaserver: cannot start: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    keeper = Keeper(config_path, options, listeners)
+    keeper = Keeper(config_path, options, listeners, str(Path(config.data_dir).resolve()))
     return asyncio.run(keeper.run(adopted))

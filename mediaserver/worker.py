@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
@@ -78,8 +79,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def listener_conflicts(config: Config, listeners: list[tuple[str, socket.socket]]) -> list[str]:
-    """Settings of `config` that the sockets the keeper holds cannot honour."""
+def unchangeable(config: Config, listeners: list[tuple[str, socket.socket]], data_dir: str) -> list[str]:
+    """Settings of `config` that cannot take effect under live connections: the
+    listening ports the keeper holds, and the data directory the streams are written in."""
     wanted = {"rtmp": config.rtmp, "http": config.http, "admin": config.admin}
     problems = []
     for kind, section in wanted.items():
@@ -91,6 +93,11 @@ def listener_conflicts(config: Config, listeners: list[tuple[str, socket.socket]
                 f"{', '.join(map(str, ports))}: a listening port cannot change under live "
                 "connections (stop and start the server to change it)"
             )
+    if data_dir and str(Path(config.data_dir).resolve()) != data_dir:
+        problems.append(
+            f"data_dir is {config.data_dir!r} in the config but the server writes in {data_dir}: the "
+            "data directory cannot change under live streams (stop and start the server to change it)"
+        )
     return problems
 
 
@@ -117,7 +124,7 @@ async def _run(fd: int) -> int:
         config.log_format = options["log_format"]
     if options.get("log_level"):
         config.log_level = options["log_level"]
-    problems = listener_conflicts(config, listeners)
+    problems = unchangeable(config, listeners, start.get("data_dir", ""))
     if problems:
         link.send({"type": "failed", "reason": "config refused: " + "; ".join(problems)})
         await link.channel.drain()
