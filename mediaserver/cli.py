@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     admin_options(upgrade)
     commands.add_parser("worker", help=argparse.SUPPRESS)
+    commands.add_parser("keeper-check", help=argparse.SUPPRESS)
     return parser
 
 
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "keeper-check":
+        from . import fdchannel, keeper  # noqa: F401 - what a re-executed keeper imports
+
+        return 0
     if args.command == "worker":
         from . import worker
 
@@ -115,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from . import keeper
+
+    adopted = keeper.reexecuted_state()
+    if adopted is not None:
+        return keeper.run_reexecuted(adopted)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
@@ -124,11 +134,12 @@ def _serve(args: argparse.Namespace) -> int:
         config.log_format = args.log_format
     if args.log_level:
         config.log_level = args.log_level
-    from . import keeper, logsetup
+    from . import logsetup
 
     logsetup.configure(config.log_level, config.log_format)
     options = {"log_level": args.log_level, "log_format": args.log_format}
-    return keeper.run(config, args.config, options)
+    log_settings = {"level": config.log_level, "format": config.log_format}
+    return keeper.run(config, args.config, options, log_settings=log_settings)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ class MovedSession(msgspec.Struct, forbid_unknown_fields=True):
     logic_version: str
     logic_state: dict[str, Any]
     writer: WriterState
+    segment_target: float = 0.0
+    playlist_size: int = 0
+    """The writer's settings: a live stream keeps them when the config changes (its
+    playlist's EXT-X-TARGETDURATION must not change); new publishes take the new ones."""
     handled: int = 0
     crashes: int = 0
     quarantined: int = 0

@@ -116,6 +116,7 @@ class Worker:
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.info: dict[str, Any] = {}
         self.popen: subprocess.Popen[bytes] | None = None
+        self.stopped_by_keeper = False
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -133,6 +134,8 @@ class Keeper:
         self.config_path = config_path
         self.data_dir = data_dir
         """Where the workers write (resolved): it cannot change under live streams."""
+        self.log_settings: dict[str, str] = {}
+        """Log level and format the keeper itself logs with (kept across a re-exec)."""
         self.options = options
         """CLI overrides passed to every worker (log level and format)."""
         self.listeners = listeners
@@ -203,7 +206,8 @@ class Keeper:
         if not worker.ready.done():
             worker.ready.set_exception(WorkerFailed(f"worker {worker.pid} exited with status {code} while starting"))
         worker.exited.set_result(code)
-        level = logging.INFO if code == 0 or self._stopping else logging.ERROR
+        # A worker the keeper stopped itself (a refused successor, shutdown) is no error.
+        level = logging.INFO if code == 0 or self._stopping or worker.stopped_by_keeper else logging.ERROR
         event(log, level, "worker exited", pid=worker.pid, role=worker.role, status=code)
         if worker is self.serving:
             self.serving = None
@@ -412,6 +416,7 @@ class Keeper:
             return
         state = {
             "config": self.config_path, "options": self.options, "started": self.started,
+            "data_dir": self.data_dir, "log": self.log_settings,
             "history": self.history[-50:],
             "listeners": [{**l.describe(), "fd": l.sock.fileno()} for l in self.listeners],
             "workers": [
@@ -424,8 +429,8 @@ class Keeper:
         # Let the check run first: a keeper that cannot start from the code on
         # disk now would leave the workers without a parent that listens to them.
         check = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import mediaserver.keeper, mediaserver.fdchannel",
-            stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "mediaserver", "keeper-check",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
         )
         _, err = await check.communicate()
         if check.returncode != 0:
@@ -450,10 +455,9 @@ class Keeper:
         env = dict(os.environ)
         env[STATE_ENV] = json.dumps(state)
         event(log, logging.INFO, "keeper re-executing itself", pid=os.getpid())
-        argv = [sys.executable, "-m", "mediaserver", "serve"]
-        if state["config"]:
-            argv += ["--config", state["config"]]
-        os.execve(sys.executable, argv, env)
+        # Everything comes from the state: the config file on disk may have
+        # changed since (and is read by the next worker, not by the keeper).
+        os.execve(sys.executable, [sys.executable, "-m", "mediaserver", "serve"], env)
 
     def adopt(self, state: dict[str, Any]) -> None:
         """After a re-exec: take back the workers the previous image ran."""
@@ -521,16 +525,33 @@ class WorkerFailed(Exception):
 def _kill(worker: Worker, sig: int = signal.SIGKILL) -> None:
     if worker.exited.done():
         return
+    worker.stopped_by_keeper = True
     try:
         os.kill(worker.pid, sig)
     except ProcessLookupError:
         pass
 
 
-def run(config: Config, config_path: str | None, options: dict[str, Any]) -> int:
-    """Bind, run the workers until SIGINT/SIGTERM; the exit status."""
-    adopted_text = os.environ.pop(STATE_ENV, None)
-    adopted = json.loads(adopted_text) if adopted_text else None
+def reexecuted_state() -> dict[str, Any] | None:
+    """The state a previous keeper image handed to this one, if this is a re-exec."""
+    text = os.environ.pop(STATE_ENV, None)
+    return json.loads(text) if text else None
+
+
+def run_reexecuted(adopted: dict[str, Any]) -> int:
+    """Go on as the keeper the previous image was: its sockets, workers, config path and options."""
+    from .logsetup import configure
+
+    log_settings = adopted.get("log", {})
+    configure(log_settings.get("level", "info"), log_settings.get("format", "text"))
+    return run(None, adopted["config"], adopted.get("options", {}), adopted, log_settings)
+
+
+def run(
+    config: Config | None, config_path: str | None, options: dict[str, Any],
+    adopted: dict[str, Any] | None = None, log_settings: dict[str, str] | None = None,
+) -> int:
+    """Bind (or take over, after a re-exec), run the workers until SIGINT/SIGTERM; the exit status."""
     if adopted is not None:
         listeners = [
             Listener(item["kind"], socket.socket(fileno=item["fd"])) for item in adopted["listeners"]
@@ -540,10 +561,13 @@ def run(config: Config, config_path: str | None, options: dict[str, Any]) -> int
         for item in adopted["workers"]:
             os.set_inheritable(item["fd"], False)
     else:
+        assert config is not None
         try:
             listeners = bind_listeners(config)
         except OSError as exc:
             print(f"mediaserver: cannot start: {exc.strerror or exc}", file=sys.stderr)
             return 1
-    keeper = Keeper(config_path, options, listeners, str(Path(config.data_dir).resolve()))
+    data_dir = adopted["data_dir"] if adopted is not None else str(Path(config.data_dir).resolve())  # type: ignore[union-attr]
+    keeper = Keeper(config_path, options, listeners, data_dir)
+    keeper.log_settings = log_settings or {}
     return asyncio.run(keeper.run(adopted))

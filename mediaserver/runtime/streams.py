@@ -123,8 +123,8 @@ class Streams:
             raise PublishRefused(f"stream {name} is already live in this worker")
         writer = HlsWriter(
             self.hls_root / name,
-            playlist_size=self.config.hls.playlist_size,
-            segment_target=self.config.hls.segment_target,
+            playlist_size=moved.playlist_size or self.config.hls.playlist_size,
+            segment_target=moved.segment_target or self.config.hls.segment_target,
             state=moved.writer,
         )
         self.writers[name] = writer

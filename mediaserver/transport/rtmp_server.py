@@ -365,6 +365,8 @@ class RtmpConnection(asyncio.Protocol):
                 logic_version=session.generation.version,
                 logic_state=msgspec.to_builtins(session.state),
                 writer=writer.to_state(),
+                segment_target=writer.segment_target,
+                playlist_size=writer.playlist_size,
                 handled=session.handled,
                 crashes=session.crashes,
                 quarantined=session.quarantined,
