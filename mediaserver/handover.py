@@ -385,7 +385,7 @@ class HandoverReceiver:
         for item in message.get("connections", []):
             who = item.get("client", "?") if isinstance(item, dict) else "?"
             try:
-                checked = self._check(item)
+                checked, _, _ = self._check(item)
                 results.append({"client": who, "stream": checked.stream_name, "ok": True})
             except Exception as exc:
                 errors.append({"client": who, "stream": (item.get("stream_name") if isinstance(item, dict) else None) or "", "reason": f"{type(exc).__name__}: {exc}"})
@@ -408,16 +408,18 @@ class HandoverReceiver:
             if not report.ok:
                 raise ValueError(f"relup {package.name} to match the serving worker failed: {report.error}")
 
-    def _check(self, item: Any) -> MovedConnection:
+    def _check(self, item: Any) -> tuple[MovedConnection, Any, Any]:
+        """The connection, its rebuilt RTMP core and its logic state for this worker; raises why not."""
         moved = msgspec.convert(item, MovedConnection)
         if moved.version != MOVE_VERSION:
             raise ValueError(f"connection state version {moved.version} is not {MOVE_VERSION}")
-        import_state(moved.core)
+        core = import_state(moved.core)
+        logic_state = None
         if moved.session is not None:
-            self.migrations.migrate(
+            logic_state = self.migrations.migrate(
                 moved.session.logic_state, moved.session.logic_version, self.app.code_server.current
             )
-        return moved
+        return moved, core, logic_state
 
     async def _move(self, message: dict[str, Any], fds: list[int]) -> None:
         if len(fds) != 1:
@@ -427,13 +429,7 @@ class HandoverReceiver:
             return
         fd = fds[0]
         try:
-            moved = self._check(message["connection"])
-            core = import_state(moved.core)
-            logic_state = None
-            if moved.session is not None:
-                logic_state = self.migrations.migrate(
-                    moved.session.logic_state, moved.session.logic_version, self.app.code_server.current
-                )
+            moved, core, logic_state = self._check(message["connection"])
             connection = await self.app.rtmp.adopt(socket.socket(fileno=fd), moved, core, logic_state)
         except Exception as exc:
             event(log, logging.WARNING, "connection not adopted", reason=f"{type(exc).__name__}: {exc}")

@@ -34,8 +34,6 @@ class KeeperLink:
         self.channel = Channel(sock, self._on_message, self._on_closed)
         self.start: dict[str, Any] = {}
         self.role = "first"
-        self.active = False
-        self.webrtc_granted = asyncio.Event()
         self.keeper_gone = asyncio.Event()
 
     def _on_message(self, message: dict[str, Any], fds: list[int]) -> None:
@@ -43,10 +41,6 @@ class KeeperLink:
         if not self._first.done():
             self._first.set_result((message, fds))
             return
-        if kind == "active":
-            self.active = True
-        elif kind == "webrtc":
-            self.webrtc_granted.set()
         handler = self.handlers.get(kind)
         if handler is not None:
             handler(message, fds)

@@ -1,4 +1,5 @@
-"""Installs of the server for upgrade tests, and the CLI calls that upgrade it.
+"""Installs of the server for upgrade tests, the CLI calls that upgrade it, and
+the viewer checks every upgrade test makes.
 
 An install is a directory holding a copy of the `mediaserver` package; the
 server runs with PYTHONPATH at `root/current`, a symlink the test points at
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from conftest import REPO, server_env
+from media import HlsPoller, read_hls
 
 
 class Installs:
@@ -90,3 +92,28 @@ def client_ports(server_port: int) -> set[int]:
         if m:
             ports.add(int(m.group(1)))
     return ports
+
+
+def server_status(server) -> dict[str, Any]:
+    """`mediaserver status --json`, which must answer."""
+    code, body, err = cli(server, "status")
+    assert code == 0 and isinstance(body, dict), f"status exit {code}: {err}\n{server.log_tail()}"
+    return body
+
+
+def viewer(server, name: str) -> HlsPoller:
+    """A player polling the stream's playlist (started)."""
+    poller = HlsPoller(server.hls_url(name), interval=0.1, max_segments=server.config["hls"]["playlist_size"])
+    poller.start()
+    return poller
+
+
+def finish_clean(server, name: str, poller: HlsPoller):
+    """The stream ended, every playlist the viewer saw was valid, no discontinuity: the HLS output."""
+    ended = poller.wait_endlist(15)
+    poller.stop()
+    assert ended, f"{name}: no #EXT-X-ENDLIST; last playlist:\n{poller.last_text}\n{server.log_tail()}"
+    poller.assert_clean()
+    out = read_hls(server.hls_url(name))
+    assert "#EXT-X-DISCONTINUITY" not in out.text, f"{name}: discontinuity in\n{out.text}"
+    return out

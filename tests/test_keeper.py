@@ -31,9 +31,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DEFAULT_CONFIG, REPO, ServerProcess, free_ports, merge, server_command, server_env, to_toml
-from installs import Installs, cli, client_ports, upgrade
+from installs import Installs, cli, client_ports, finish_clean, server_status, upgrade, viewer
 from media import (
-    HlsPoller,
     SMALL,
     ClipSpec,
     assert_exact,
@@ -109,16 +108,10 @@ def _wait_new_worker(server, old: int, timeout: float = 5.0) -> int:
     return pids[0]
 
 
-def _status(server) -> dict:
-    code, body, err = cli(server, "status")
-    assert code == 0 and isinstance(body, dict), f"status exit {code}: {err}\n{server.log_tail()}"
-    return body
-
-
 def _wait_sessions(server, names: set[str], timeout: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        status = _status(server)
+        status = server_status(server)
         if {s["name"] for s in status["sessions"]} >= names:
             return status
         assert time.monotonic() < deadline, f"sessions {names} not live: {status['sessions']}\n{server.log_tail()}"
@@ -137,23 +130,6 @@ def _last_seq(text: str) -> int:
 def _publish(server, clip_path, name: str, tmp_path, **kwargs) -> subprocess.Popen:
     return ffmpeg_publish(clip_path, server.rtmp_url(name), log_path=tmp_path / f"ff-{name}-{time.monotonic_ns()}.log",
                           **kwargs)
-
-
-def _poller(server, name: str) -> HlsPoller:
-    poller = HlsPoller(server.hls_url(name), interval=0.1, max_segments=server.config["hls"]["playlist_size"])
-    poller.start()
-    return poller
-
-
-def _finish_clean(server, name: str, poller: HlsPoller):
-    """The stream ended, every playlist the viewer saw was valid, no discontinuity: the HLS output."""
-    ended = poller.wait_endlist(15)
-    poller.stop()
-    assert ended, f"{name}: no #EXT-X-ENDLIST; last playlist:\n{poller.last_text}\n{server.log_tail()}"
-    poller.assert_clean()
-    out = read_hls(server.hls_url(name))
-    assert "#EXT-X-DISCONTINUITY" not in out.text, f"{name}: discontinuity in\n{out.text}"
-    return out
 
 
 def _ended_hls(server, name: str):
@@ -279,7 +255,7 @@ def test_kill_9_of_the_worker_ends_its_streams_and_a_new_worker_serves_them_afte
         for n in names:
             wait_proc(first[n], 15, f"publisher {n} of the killed worker")
         assert not (client_ports(server.rtmp_port) & ports), "a connection of the killed worker is still established"
-        assert _status(server)["sessions"] == []
+        assert server_status(server)["sessions"] == []
         ended = {}
         for n in names:
             text = http_get(server.hls_url(n)).body.decode()
@@ -345,7 +321,7 @@ def test_the_keeper_keeps_restarting_a_worker_that_keeps_dying(server_factory, c
     assert server.alive() and server.pid == keeper
     for p in killed:
         assert not _exists(p)
-    keeper_info = _status(server)["keeper"]
+    keeper_info = server_status(server)["keeper"]
     assert keeper_info["pid"] == keeper
     assert [(w["pid"], w["role"], w["status"]) for w in keeper_info["workers"]] == [(pid, "restart", "serving")]
     # It serves: a publish goes through.
@@ -478,7 +454,7 @@ def test_sigkill_of_the_keeper_takes_its_workers_and_frees_the_ports(server_fact
 def test_upgrade_keeper_reexecutes_in_place_with_a_live_publisher(server_factory, clips, tmp_path):
     server = server_factory(hls={"segment_target": TARGET})
     keeper = server.pid
-    poller = _poller(server, "live")
+    poller = viewer(server, "live")
     proc = _publish(server, clips.path(MEDIUM), "live", tmp_path)
     try:
         server.wait_for_log(r"publish started stream=live\b")
@@ -494,7 +470,7 @@ def test_upgrade_keeper_reexecutes_in_place_with_a_live_publisher(server_factory
         assert server.log_lines(r"keeper re-executed"), server.log_tail()
         assert server.worker_pids() == [worker], "the worker must be kept across the keeper's re-execution"
         assert client_ports(server.rtmp_port) == ports, "the publisher's connection changed"
-        status = _status(server)
+        status = server_status(server)
         assert status["keeper"]["pid"] == keeper
         assert status["keeper"]["upgrades"][-1]["action"] == "upgrade_keeper" and status["keeper"]["upgrades"][-1]["ok"]
         assert [s["pid"] for s in status["sessions"]] == [worker]
@@ -506,11 +482,11 @@ def test_upgrade_keeper_reexecutes_in_place_with_a_live_publisher(server_factory
         assert report["old_pid"] == worker and report["moved"] == 1, report
         new = report["new_pid"]
         assert client_ports(server.rtmp_port) == ports, "the publisher's connection changed in the upgrade"
-        assert [s["pid"] for s in _status(server)["sessions"]] == [new]
+        assert [s["pid"] for s in server_status(server)["sessions"]] == [new]
         assert wait_proc(proc, 60) == 0, ffmpeg_log(proc)
     finally:
         _kill_all(proc)
-    out = _finish_clean(server, "live", poller)
+    out = finish_clean(server, "live", poller)
     assert_exact(clips.get(MEDIUM), out.segments, segment_target=TARGET, label="through upgrade --keeper")
     # The worker the re-executed keeper adopted retires and is reaped.
     _wait_gone([worker], 10, "the retired worker")
@@ -586,7 +562,7 @@ def test_upgrade_keeper_is_refused_when_the_keeper_on_disk_cannot_start(server_f
         assert server.pid == keeper and server.worker_pids() == [worker]
         assert client_ports(server.rtmp_port) == ports
         _wait_healthy(server)
-        assert [s["pid"] for s in _status(server)["sessions"]] == [worker]
+        assert [s["pid"] for s in server_status(server)["sessions"]] == [worker]
 
         # Fixed on disk: the re-execution goes through, the publisher still on its connection.
         installs.use("a")
@@ -642,7 +618,7 @@ def test_a_data_dir_changed_on_disk_stays_refused_after_upgrade_keeper(server_fa
     """`upgrade` refuses a config whose data_dir differs (the open segments are in the old one). The
     keeper remembers the directory the workers write in; re-executing it must not make it forget."""
     server = server_factory(hls={"segment_target": TARGET})
-    poller = _poller(server, "d")
+    poller = viewer(server, "d")
     proc = _publish(server, clips.path(MEDIUM), "d", tmp_path)
     try:
         server.wait_for_log(r"publish started stream=d\b")
@@ -666,7 +642,7 @@ def test_a_data_dir_changed_on_disk_stays_refused_after_upgrade_keeper(server_fa
         assert wait_proc(proc, 60) == 0, ffmpeg_log(proc)
     finally:
         _kill_all(proc)
-    out = _finish_clean(server, "d", poller)
+    out = finish_clean(server, "d", poller)
     assert_exact(clips.get(MEDIUM), out.segments, segment_target=TARGET, label="data_dir change refused")
 
 
@@ -676,7 +652,7 @@ def test_a_data_dir_changed_on_disk_stays_refused_after_upgrade_keeper(server_fa
 @pytest.mark.timeout(90)
 def test_upgrade_reloads_the_config_for_new_publishes_and_live_ones_go_on(server_factory, clips, tmp_path):
     server = server_factory(hls={"segment_target": TARGET})
-    poller = _poller(server, "old")
+    poller = viewer(server, "old")
     proc = _publish(server, clips.path(MEDIUM), "old", tmp_path)
     fresh = None
     try:
@@ -694,7 +670,7 @@ def test_upgrade_reloads_the_config_for_new_publishes_and_live_ones_go_on(server
     finally:
         _kill_all(proc, fresh)
     # The live publish keeps the target it started with (TARGETDURATION must not change: the poller checks).
-    old = _finish_clean(server, "old", poller)
+    old = finish_clean(server, "old", poller)
     assert_exact(clips.get(MEDIUM), old.segments, segment_target=TARGET, label="live across the reload")
     assert max(s.duration for s in old.segments) < 3.5, [s.duration for s in old.segments]
     # The new publish uses the new one: 4 s segments from a 1 s GOP.
@@ -708,7 +684,7 @@ def test_upgrade_reloads_the_config_for_new_publishes_and_live_ones_go_on(server
 def test_upgrade_refuses_a_config_the_new_worker_refuses_and_nothing_changes(server_factory, clips, tmp_path):
     server = server_factory(hls={"segment_target": TARGET})
     good = server.config_path.read_text()
-    poller = _poller(server, "r")
+    poller = viewer(server, "r")
     proc = _publish(server, clips.path(MEDIUM), "r", tmp_path)
     try:
         server.wait_for_log(r"publish started stream=r\b")
@@ -731,7 +707,7 @@ def test_upgrade_refuses_a_config_the_new_worker_refuses_and_nothing_changes(ser
         assert code == 1 and not report["ok"], report
         assert "rtmp.port" in report["error"] and "cannot change under live connections" in report["error"], report
         assert server.worker_pid() == worker and client_ports(server.rtmp_port) == ports
-        status = _status(server)
+        status = server_status(server)
         assert [s["pid"] for s in status["sessions"]] == [worker]
         assert [u["ok"] for u in status["keeper"]["upgrades"]] == [False, False], status["keeper"]["upgrades"]
 
@@ -742,7 +718,7 @@ def test_upgrade_refuses_a_config_the_new_worker_refuses_and_nothing_changes(ser
         assert wait_proc(proc, 60) == 0, ffmpeg_log(proc)
     finally:
         _kill_all(proc)
-    out = _finish_clean(server, "r", poller)
+    out = finish_clean(server, "r", poller)
     assert_exact(clips.get(MEDIUM), out.segments, segment_target=TARGET, label="through refused upgrades")
     assert server.log_lines(r"upgrade refused"), server.log_tail()
 
@@ -757,7 +733,7 @@ def test_status_shows_which_process_serves_which_stream_and_the_upgrade_history(
     try:
         server.wait_for_log(r"publish started stream=st\b")
         worker = server.worker_pid()
-        status = _status(server)
+        status = server_status(server)
         assert [(s["name"], s["pid"]) for s in status["sessions"]] == [("st", worker)]
         assert status["pid"] == worker and status["keeper"]["pid"] == server.pid
         assert [(w["pid"], w["role"], w["status"]) for w in status["keeper"]["workers"]] == [(worker, "first", "serving")]
@@ -771,7 +747,7 @@ def test_status_shows_which_process_serves_which_stream_and_the_upgrade_history(
         assert code == 0 and report["ok"], report
         new = report["new_pid"]
         _wait_gone([worker], 10, "the old worker after the upgrade")
-        status = _status(server)
+        status = server_status(server)
         assert [(s["name"], s["pid"]) for s in status["sessions"]] == [("st", new)]
         assert status["pid"] == new
         assert [(w["pid"], w["role"], w["status"]) for w in status["keeper"]["workers"]] == [(new, "successor", "serving")]

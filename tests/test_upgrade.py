@@ -18,8 +18,8 @@ import time
 import pytest
 
 from conftest import REPO
-from installs import Installs, client_ports, cli, replace_in, set_package_version, upgrade
-from media import ClipSpec, HlsPoller, assert_exact, ffmpeg_log, ffmpeg_publish, pyav_publish, read_clip, read_hls, wait_proc
+from installs import Installs, client_ports, finish_clean, replace_in, set_package_version, server_status, upgrade, viewer
+from media import ClipSpec, assert_exact, ffmpeg_log, ffmpeg_publish, pyav_publish, read_clip, wait_proc
 
 GST = shutil.which("gst-launch-1.0")
 CLIP = ClipSpec(duration=12.0, fps=25, gop=50, audio_rate=32000)
@@ -41,28 +41,6 @@ def _logic_1_1_0(package) -> None:
     shutil.copytree(REPO / "relups/1.1.0/logic", package / "logic")
 
 
-def _poller(server, name: str) -> HlsPoller:
-    poller = HlsPoller(server.hls_url(name), interval=0.1, max_segments=server.config["hls"]["playlist_size"])
-    poller.start()
-    return poller
-
-
-def _finish(server, name: str, poller: HlsPoller):
-    ended = poller.wait_endlist(15)
-    poller.stop()
-    assert ended, f"{name}: no #EXT-X-ENDLIST; last playlist:\n{poller.last_text}\n{server.log_tail()}"
-    poller.assert_clean()
-    out = read_hls(server.hls_url(name))
-    assert "#EXT-X-DISCONTINUITY" not in out.text, f"{name}: discontinuity in\n{out.text}"
-    return out
-
-
-def _status(server) -> dict:
-    code, body, err = cli(server, "status")
-    assert code == 0 and isinstance(body, dict), err
-    return body
-
-
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(GST is None, reason="gst-launch-1.0 missing: run tests/install-system-deps.sh")
 def test_ffmpeg_gstreamer_and_pyav_publish_through_three_upgrades(server_factory, clips, tmp_path):
@@ -74,7 +52,7 @@ def test_ffmpeg_gstreamer_and_pyav_publish_through_three_upgrades(server_factory
     installs.use("a")
     server = server_factory(pythonpath=installs.current, hls={"segment_target": TARGET})
     clip = clips.get(CLIP)
-    pollers = {name: _poller(server, name) for name in ("ff", "gst", "pyav")}
+    pollers = {name: viewer(server, name) for name in ("ff", "gst", "pyav")}
 
     ff = ffmpeg_publish(clip.path, server.rtmp_url("ff"), log_path=tmp_path / "ff.log")
     sent = tmp_path / "gst.flv"
@@ -86,7 +64,7 @@ def test_ffmpeg_gstreamer_and_pyav_publish_through_three_upgrades(server_factory
     pyav.start()
     try:
         deadline = time.monotonic() + 10
-        while len(_status(server)["sessions"]) < 3:
+        while len(server_status(server)["sessions"]) < 3:
             assert time.monotonic() < deadline, f"publishers not live:\n{server.log_tail()}"
             time.sleep(0.1)
         ports = client_ports(server.rtmp_port)
@@ -102,7 +80,7 @@ def test_ffmpeg_gstreamer_and_pyav_publish_through_three_upgrades(server_factory
             assert report["moved"] == 3, report
             reports.append(report)
             assert client_ports(server.rtmp_port) == ports, f"after upgrade {step + 1} the publishers' ports changed"
-            status = _status(server)
+            status = server_status(server)
             serving = report["new_pid"]
             assert {s["pid"] for s in status["sessions"]} == {serving}, status["sessions"]
             assert len(status["sessions"]) == 3
@@ -124,9 +102,9 @@ def test_ffmpeg_gstreamer_and_pyav_publish_through_three_upgrades(server_factory
             if proc.poll() is None:
                 proc.kill()
 
-    assert_exact(clip, _finish(server, "ff", pollers["ff"]).segments, segment_target=TARGET, label="ffmpeg")
-    assert_exact(clip, _finish(server, "pyav", pollers["pyav"]).segments, segment_target=TARGET, label="PyAV")
-    gst_out = _finish(server, "gst", pollers["gst"])
+    assert_exact(clip, finish_clean(server, "ff", pollers["ff"]).segments, segment_target=TARGET, label="ffmpeg")
+    assert_exact(clip, finish_clean(server, "pyav", pollers["pyav"]).segments, segment_target=TARGET, label="PyAV")
+    gst_out = finish_clean(server, "gst", pollers["gst"])
     assert_exact(read_clip(sent), gst_out.segments, segment_target=TARGET, label="GStreamer")
     server.assert_no_tracebacks()
 
@@ -141,26 +119,26 @@ def test_upgrade_to_an_install_with_logic_1_1_0_migrates_through_the_relup(serve
         pythonpath=installs.current, hls={"segment_target": TARGET}, relup={"directory": str(REPO / "relups")}
     )
     clip = clips.get(CLIP)
-    poller = _poller(server, "m")
+    poller = viewer(server, "m")
     ff = ffmpeg_publish(clip.path, server.rtmp_url("m"), log_path=tmp_path / "ff.log")
     try:
         server.wait_for_log(r"publish started stream=m")
         time.sleep(3)
-        assert _status(server)["sessions"][0]["version"] == "1.0.0"
+        assert server_status(server)["sessions"][0]["version"] == "1.0.0"
         installs.use("b")
         code, report = upgrade(server)
         assert code == 0 and report["ok"], report
         assert report["new_logic_version"] == "1.1.0", report
-        session = _status(server)["sessions"][0]
+        session = server_status(server)["sessions"][0]
         assert session["version"] == "1.1.0" and session["pid"] == report["new_pid"], session
         # 1.1.0's state has the bitrate window, filled from here on.
         time.sleep(2)
-        assert "bitrate_kbps" in _status(server)["sessions"][0]
+        assert "bitrate_kbps" in server_status(server)["sessions"][0]
         assert wait_proc(ff, 60) == 0, ffmpeg_log(ff)
     finally:
         if ff.poll() is None:
             ff.kill()
-    assert_exact(clip, _finish(server, "m", poller).segments, segment_target=TARGET, label="1.0.0 -> 1.1.0")
+    assert_exact(clip, finish_clean(server, "m", poller).segments, segment_target=TARGET, label="1.0.0 -> 1.1.0")
 
 
 @pytest.mark.timeout(120)
@@ -177,7 +155,7 @@ def test_upgrade_without_a_migration_path_is_refused_before_anything_moves(serve
         pythonpath=installs.current, hls={"segment_target": TARGET}, relup={"directory": str(REPO / "relups")}
     )
     clip = clips.get(CLIP)
-    poller = _poller(server, "n")
+    poller = viewer(server, "n")
     ff = ffmpeg_publish(clip.path, server.rtmp_url("n"), log_path=tmp_path / "ff.log")
     try:
         server.wait_for_log(r"publish started stream=n")
@@ -191,7 +169,7 @@ def test_upgrade_without_a_migration_path_is_refused_before_anything_moves(serve
         assert report.get("moved", 0) == 0
         assert server.worker_pid() == worker, "the old worker must go on serving"
         assert client_ports(server.rtmp_port) == ports
-        assert _status(server)["sessions"][0]["pid"] == worker
+        assert server_status(server)["sessions"][0]["pid"] == worker
         # A dry run says the same, and nothing moves either.
         code, report = upgrade(server, "--dry-run")
         assert code == 1 and "no relup path" in report["error"], report
@@ -199,14 +177,14 @@ def test_upgrade_without_a_migration_path_is_refused_before_anything_moves(serve
     finally:
         if ff.poll() is None:
             ff.kill()
-    assert_exact(clip, _finish(server, "n", poller).segments, segment_target=TARGET, label="refused upgrade")
+    assert_exact(clip, finish_clean(server, "n", poller).segments, segment_target=TARGET, label="refused upgrade")
 
 
 @pytest.mark.timeout(120)
 def test_dry_run_checks_everything_and_moves_nothing(server_factory, clips, tmp_path):
     server = server_factory(hls={"segment_target": TARGET})
     clip = clips.get(CLIP)
-    poller = _poller(server, "d")
+    poller = viewer(server, "d")
     ff = ffmpeg_publish(clip.path, server.rtmp_url("d"), log_path=tmp_path / "ff.log")
     try:
         server.wait_for_log(r"publish started stream=d")
@@ -222,4 +200,4 @@ def test_dry_run_checks_everything_and_moves_nothing(server_factory, clips, tmp_
     finally:
         if ff.poll() is None:
             ff.kill()
-    assert_exact(clip, _finish(server, "d", poller).segments, segment_target=TARGET, label="dry run")
+    assert_exact(clip, finish_clean(server, "d", poller).segments, segment_target=TARGET, label="dry run")

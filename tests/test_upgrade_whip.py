@@ -17,17 +17,11 @@ import time
 import pytest
 
 import whip_client
-from installs import cli, upgrade
+from installs import server_status, upgrade
 from media import SMALL, assert_exact, ffmpeg_log, ffmpeg_publish, read_hls, wait_for_endlist, wait_proc
 from test_whip import file_video_payloads, hls_frames, motion_clip, whip_url  # noqa: F401 - fixture
 
 whip_client.loopback_only()
-
-
-def _status(server) -> dict:
-    code, body, err = cli(server, "status")
-    assert code == 0 and isinstance(body, dict), err
-    return body
 
 
 def _whip_in_thread(server, name: str, clip, **kwargs):
@@ -63,7 +57,7 @@ def test_whip_publisher_stays_on_the_old_worker_until_it_ends(server_factory, cl
         new = report["new_pid"]
         # Both workers run while the old one finishes its WHIP publish.
         assert sorted(server.worker_pids()) == sorted([old, new])
-        status = _status(server)
+        status = server_status(server)
         assert [s["name"] for s in status["sessions"]] == ["r"] and status["sessions"][0]["pid"] == new
         retiring = [w for w in status["keeper"]["workers"] if w["pid"] == old]
         assert retiring and retiring[0]["status"] == "retiring" and retiring[0]["kept"] == ["w"], status["keeper"]

@@ -168,9 +168,7 @@ class Streams:
         writer = self.writers.pop(name, None)
         if writer is not None:
             writer.detach()
-        previews = self.previews.pop(name, None)
-        if previews is not None and hasattr(previews, "close"):
-            previews.close()
+        self.previews.pop(name, None)
 
     def recover(self, skip: frozenset[str] = frozenset()) -> None:
         """Pick up the playlists a previous process left, ending any it left live."""
