@@ -19,10 +19,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from . import __version__
 from .admin_token import load_or_create_token
 from .auth import PublishAuth
 from .config import Config
+from .handover import HandoverReceiver, HandoverSender
 from .logsetup import event
 from .metrics import ServerMetrics
 from .runtime.generation import installed_logic_dir, load_generation
@@ -196,8 +199,6 @@ class WorkerApp:
             loop.create_task(self._send(message, sock))
 
     async def _send(self, message: dict[str, Any], sock: socket.socket) -> None:
-        from .handover import HandoverSender
-
         if self.handover_busy or self.retiring:
             report = {"ok": False, "error": "this worker is already handing over"}
         else:
@@ -270,8 +271,6 @@ class WorkerApp:
     # -- upgrades: the successor's side --------------------------------------------------
 
     async def _receive(self, sock: socket.socket) -> None:
-        from .handover import HandoverReceiver
-
         receiver = HandoverReceiver(self, sock)
         await receiver.finished.wait()
         if receiver.failed:
@@ -281,8 +280,6 @@ class WorkerApp:
             self.stop.set()
 
     def adopt_history(self, relups: list[Any], upgrades: list[dict[str, Any]]) -> None:
-        import msgspec
-
         older = [msgspec.convert(item, RelupReport) for item in relups]
         self.code_server.history[:0] = older
         self.upgrade_history = list(upgrades)

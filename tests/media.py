@@ -1268,11 +1268,21 @@ class CorePublisher:
 
     def open(self) -> None:
         """Handshake, connect, createStream, publish; asserts NetStream.Publish.Start."""
+        self.handshake()
+        self.connect_app()
+        self.start_publish()
+
+    def handshake(self) -> None:
         self.flush()  # C0+C1
         self.wait_event("HandshakeDone")  # C2 is queued by the core; nothing may precede it
+
+    def connect_app(self) -> None:
         self.conn.connect(self.app, self.tc_url)
         self.flush()
         self.wait_event("ConnectResult")
+
+    def start_publish(self) -> None:
+        """createStream, publish; asserts NetStream.Publish.Start."""
         self.conn.create_stream()
         self.flush()
         created = self.wait_event("StreamCreated")
@@ -1296,8 +1306,23 @@ class CorePublisher:
         self.flush()
 
     def finish(self) -> None:
+        """deleteStream, then a graceful close: our FIN, then read until the server's.
+        (Closing with the server's acknowledgements unread would reset the connection,
+        and the server would lose what it had not read yet.)"""
         self.conn.delete_stream()
         self.flush()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + self.timeout
+            self.sock.settimeout(1.0)
+            while time.monotonic() < deadline:
+                try:
+                    if not self.sock.recv(65536):
+                        break
+                except socket.timeout:
+                    continue
+        except OSError:
+            pass
         self.close()
 
     def close(self) -> None:
@@ -1329,6 +1354,20 @@ def core_publish(
     publisher's clock jump."""
     pub = CorePublisher(host, port, name)
     pub.open()
+    core_send_clip(pub, clip, ts_base=ts_base, paced=paced, speed=speed, then=then)
+    return pub
+
+
+def core_send_clip(
+    pub: CorePublisher,
+    clip: Clip,
+    *,
+    ts_base: int = 0,
+    paced: bool = True,
+    speed: float = 1.0,
+    then: Sequence[tuple[Clip, int]] = (),
+) -> None:
+    """Metadata, the clip's tags (and `then`'s), deleteStream, close: on an open publish."""
     meta = {"duration": 0.0, "encoder": "mediaserver-tests"}
     if clip.video:
         meta.update(videocodecid=7.0, width=float(clip.spec.width if clip.spec else 0),
@@ -1356,4 +1395,3 @@ def core_publish(
                 pub.drain()
         elapsed += part.duration_ms / 1000
     pub.finish()
-    return pub

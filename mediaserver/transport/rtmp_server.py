@@ -12,21 +12,20 @@ import logging
 import re
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import msgspec
 
 from .. import wire
 from ..auth import PublishAuth, PublishDenied, key_from_query
+from ..handover import MOVE_VERSION, MovedConnection, MovedSession
 from ..config import LimitsConfig, RtmpConfig
 from ..logsetup import event
 from ..proto import flv, rtmp
 from ..proto.errors import ProtocolError
+from ..proto.rtmp_state import export_state
 from ..runtime.session import Session
 from ..runtime.streams import PublishRefused, Streams
-
-if TYPE_CHECKING:
-    from ..handover import MovedConnection
 
 log = logging.getLogger("mediaserver.rtmp")
 
@@ -352,9 +351,6 @@ class RtmpConnection(asyncio.Protocol):
         return None
 
     def export(self) -> MovedConnection:
-        from ..handover import MOVE_VERSION, MovedConnection, MovedSession
-        from ..proto.rtmp_state import export_state
-
         self._flush()
         moved_session = None
         session = self.session
