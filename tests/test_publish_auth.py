@@ -14,7 +14,7 @@ from media import SMALL, assert_exact, read_hls, wait_for_endlist, wait_proc
 
 
 class Hook:
-    """A local webhook: answers by stream name (allow, deny, fail, hang)."""
+    """A local webhook: answers by stream name (allow, deny, fail, hang; okslow: allow after 3 s)."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
@@ -25,7 +25,7 @@ class Hook:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 hook.requests.append(body)
                 name = body.get("name", "")
-                if name.startswith("hang"):
+                if name.startswith(("hang", "okslow")) and body["action"] == "publish":
                     time.sleep(3)
                 status = 204 if name.startswith(("ok", "steady")) or body["action"] == "unpublish" else (
                     500 if name.startswith("fail") else 403
